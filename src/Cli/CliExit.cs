@@ -1,0 +1,18 @@
+using OpenVLA.Policy;
+
+namespace OpenVLA.Cli;
+
+/// <summary>Exit codes and the mapping of exceptions to them, shared by every verb.</summary>
+public static class CliExit
+{
+    public const int Ok = 0, Failure = 1, Usage = 2;
+
+    /// <summary>Errors caused by what the user passed (arguments, files, checkpoint contents): exit code 2.</summary>
+    public static bool IsUserError(Exception e) =>
+        e is UsageException or PolicyInputException or CheckpointException or FileNotFoundException or DirectoryNotFoundException;
+
+    public static string OneLine(string message) => message.ReplaceLineEndings(" ").Trim();
+}
+
+/// <summary>Thrown by a verb for invalid arguments; the message is shown as one line and the exit code is 2.</summary>
+public sealed class UsageException(string message) : Exception(message);

@@ -1,0 +1,10 @@
+using System.CommandLine;
+
+namespace OpenVLA.Cli;
+
+/// <summary>The verbs of the command line, one provider per area of the product.</summary>
+internal static class Verbs
+{
+    public static IEnumerable<Command> All() =>
+        PolicyVerbs.Create();
+}

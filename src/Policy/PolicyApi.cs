@@ -1,0 +1,56 @@
+namespace OpenVLA.Policy;
+
+/// <summary>An RGB8 frame, rows top to bottom, pixels interleaved R,G,B (HWC).</summary>
+public sealed record RgbImage(int Width, int Height, byte[] Pixels)
+{
+    public static RgbImage Create(int width, int height, byte[] pixels)
+    {
+        if (width <= 0 || height <= 0) throw new PolicyInputException($"image size must be positive, got {width}x{height}");
+        if ((long)width * height * 3 != pixels.LongLength)
+            throw new PolicyInputException($"raw RGB8 image of {width}x{height} needs {(long)width * height * 3} bytes, got {pixels.LongLength}");
+        return new RgbImage(width, height, pixels);
+    }
+}
+
+/// <summary>What the robot sees and is told: one image per camera the model takes (OpenVLA: one), and the instruction.</summary>
+public sealed record VlaObservation(IReadOnlyList<RgbImage> Images, string Instruction, string? UnnormKey = null);
+
+/// <summary>Wall-clock milliseconds of each stage of one forward pass (shared by every observation of a batch).</summary>
+public sealed record StageTimings(double PreprocessMs, double VisionMs, double PrefillMs, double DecodeMs, double TotalMs);
+
+/// <summary>One predicted action: un-normalized values, the normalized bin centres they came from, and the token ids.</summary>
+public sealed record ActionPrediction(
+    float[] Action,
+    float[] NormalizedAction,
+    int[] ActionTokenIds,
+    int[] PromptTokenIds,
+    string UnnormKey,
+    StageTimings Timings);
+
+/// <summary>Dataset statistics used to un-normalize actions (the OpenVLA `norm_stats` entry of one dataset).</summary>
+public sealed record ActionStats(float[] Q01, float[] Q99, bool[] Mask, float[]? Mean = null, float[]? Std = null, float[]? Min = null, float[]? Max = null);
+
+/// <summary>What a client needs to know about a loaded policy.</summary>
+public sealed record PolicyDescription(
+    string ModelId,
+    string Architecture,
+    int ActionDim,
+    int ImageSize,
+    int ImagesPerObservation,
+    string ResizeStrategy,
+    string Precision,
+    string Quantization,
+    IReadOnlyDictionary<string, ActionStats> UnnormStats);
+
+/// <summary>A policy that maps a batch of observations to one action each. <see cref="VlaPolicy"/> is the real one.</summary>
+public interface IActionPolicy
+{
+    PolicyDescription Description { get; }
+    IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default);
+}
+
+/// <summary>The caller's input is invalid (unknown unnorm key, bad image, ...). The message is one line meant for the user.</summary>
+public sealed class PolicyInputException(string message) : Exception(message);
+
+/// <summary>A checkpoint directory is missing files or holds tensors of the wrong name, shape or type.</summary>
+public sealed class CheckpointException(string message, Exception? inner = null) : Exception(message, inner);
