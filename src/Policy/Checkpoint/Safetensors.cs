@@ -166,12 +166,22 @@ public sealed class SafetensorsFile : IDisposable
     }
 }
 
-/// <summary>Writes safetensors files: header padded with spaces to a multiple of 8 bytes, tensors in the given order.</summary>
+/// <summary>Writes safetensors files: header padded with spaces to a multiple of 8 bytes, tensors in the given order,
+/// written to a temporary file and renamed, so a reader never sees a half-written file.</summary>
 public static class SafetensorsWriter
 {
+    public sealed record Entry(string Name, ScalarType DType, long[] Shape);
+
     public static void Write(string path, IEnumerable<KeyValuePair<string, Tensor>> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {
         var list = tensors.ToList();
+        Write(path, list.Select(kv => new Entry(kv.Key, kv.Value.dtype, kv.Value.shape)).ToList(), i => list[i].Value, metadata, disposeProduced: false);
+    }
+
+    /// <summary>Streams tensors produced one at a time (e.g. random weights of a 7B model), so at most one is in memory.</summary>
+    public static void Write(string path, IReadOnlyList<Entry> entries, Func<int, Tensor> produce,
+        IReadOnlyDictionary<string, string>? metadata = null, bool disposeProduced = true)
+    {
         var header = new JsonObject();
         if (metadata is { Count: > 0 })
         {
@@ -180,13 +190,13 @@ public static class SafetensorsWriter
             header["__metadata__"] = meta;
         }
         long offset = 0;
-        foreach (var (name, t) in list)
+        foreach (var e in entries)
         {
-            long bytes = t.NumberOfElements * t.ElementSize;
-            header[name] = new JsonObject
+            long bytes = e.Shape.Aggregate(1L, (a, b) => a * b) * ElementSize(e.DType);
+            header[e.Name] = new JsonObject
             {
-                ["dtype"] = SafetensorsFile.DTypeName(t.dtype),
-                ["shape"] = new JsonArray(t.shape.Select(d => (JsonNode)d).ToArray()),
+                ["dtype"] = SafetensorsFile.DTypeName(e.DType),
+                ["shape"] = new JsonArray(e.Shape.Select(d => (JsonNode)d).ToArray()),
                 ["data_offsets"] = new JsonArray(offset, offset + bytes),
             };
             offset += bytes;
@@ -199,10 +209,29 @@ public static class SafetensorsWriter
             fs.Write(BitConverter.GetBytes((ulong)padded));
             fs.Write(headerBytes);
             for (int i = headerBytes.Length; i < padded; i++) fs.WriteByte((byte)' ');
-            foreach (var (_, t) in list) WriteData(fs, t);
+            for (int i = 0; i < entries.Count; i++)
+            {
+                var t = produce(i);
+                try
+                {
+                    if (t.dtype != entries[i].DType || !t.shape.SequenceEqual(entries[i].Shape))
+                        throw new InvalidOperationException($"tensor '{entries[i].Name}' produced as {t.dtype} [{string.Join(",", t.shape)}], declared {entries[i].DType} [{string.Join(",", entries[i].Shape)}]");
+                    WriteData(fs, t);
+                }
+                finally { if (disposeProduced) t.Dispose(); }
+            }
         }
         File.Move(tmp, path, overwrite: true);
     }
+
+    static long ElementSize(ScalarType t) => t switch
+    {
+        ScalarType.Float64 or ScalarType.Int64 => 8,
+        ScalarType.Float32 or ScalarType.Int32 => 4,
+        ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Int16 => 2,
+        ScalarType.Int8 or ScalarType.Byte or ScalarType.Bool => 1,
+        _ => throw new ArgumentException($"dtype {t} cannot be stored in safetensors"),
+    };
 
     static void WriteData(Stream fs, Tensor t)
     {
