@@ -123,31 +123,36 @@ public sealed class LlamaAttention : nn.Module
         RegisterComponents();
     }
 
-    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, KvCache cache, int layer, Tensor? mask)
+    /// <summary>Attention over the cache (inference) or, with no cache, over these positions alone (training).</summary>
+    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, KvCache? cache, int layer, Tensor? mask)
     {
         using var scope = NewDisposeScope();
         long b = x.shape[0], l = x.shape[1];
-        int start = cache.Length, hd = _c.HeadDim;
+        int start = cache?.Length ?? 0, hd = _c.HeadDim;
         var q = q_proj.forward(x).view(b, l, _c.NumAttentionHeads, hd).transpose(1, 2);
         var k = k_proj.forward(x).view(b, l, _c.NumKeyValueHeads, hd).transpose(1, 2);
         var v = v_proj.forward(x).view(b, l, _c.NumKeyValueHeads, hd).transpose(1, 2);
         q = RotaryEmbedding.Apply(q, cos, sin);
         k = RotaryEmbedding.Apply(k, cos, sin);
-        cache.Keys[layer].narrow(2, start, l).copy_(k);
-        cache.Values[layer].narrow(2, start, l).copy_(v);
-        var keys = cache.Keys[layer].narrow(2, 0, start + l);
-        var values = cache.Values[layer].narrow(2, 0, start + l);
+        Tensor keys = k, values = v;
+        if (cache is not null)
+        {
+            cache.Keys[layer].narrow(2, start, l).copy_(k);
+            cache.Values[layer].narrow(2, start, l).copy_(v);
+            keys = cache.Keys[layer].narrow(2, 0, start + l);
+            values = cache.Values[layer].narrow(2, 0, start + l);
+        }
         int groups = _c.NumAttentionHeads / _c.NumKeyValueHeads;
         if (groups > 1)
         {
             keys = keys.repeat_interleave(groups, dim: 1);
             values = values.repeat_interleave(groups, dim: 1);
         }
+        if (mask is null && l > 1 && start != 0) throw new InvalidOperationException("a multi-token step on a non-empty cache needs an explicit mask");
         // No padding: a prefill from an empty cache is plainly causal, a one-token step sees everything cached.
         Tensor o = mask is not null
             ? F.scaled_dot_product_attention(q, keys, values, attn_mask: mask)
             : F.scaled_dot_product_attention(q, keys, values, is_casual: l > 1 && start == 0);
-        if (mask is null && l > 1 && start != 0) throw new InvalidOperationException("a multi-token step on a non-empty cache needs an explicit mask");
         return o_proj.forward(o.transpose(1, 2).reshape(b, l, -1)).MoveToOuterDisposeScope();
     }
 }
@@ -189,7 +194,7 @@ public sealed class LlamaDecoderLayer : nn.Module
         RegisterComponents();
     }
 
-    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, KvCache cache, int layer, Tensor? mask)
+    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, KvCache? cache, int layer, Tensor? mask)
     {
         using var scope = NewDisposeScope();
         x = x + self_attn.Forward(input_layernorm.forward(x), cos, sin, cache, layer, mask);
@@ -279,6 +284,36 @@ public sealed class LlamaForCausalLM : nn.Module
     }
 
     public Tensor Logits(Tensor hidden) => lm_head.forward(hidden);
+
+    /// <summary>
+    /// Training forward without a cache: inputs [B, L, H] with right padding, <paramref name="valid"/> [B, L] bool marking
+    /// real positions (null: all real). Positions run 0..L−1 as in Hugging Face; a query attends to real keys at or before
+    /// it. <paramref name="layerRunner"/> lets the caller wrap each decoder layer (e.g. gradient checkpointing).
+    /// Returns normed hidden states [B, L, H].
+    /// </summary>
+    public Tensor Forward(Tensor inputsEmbeds, Tensor? valid, Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null)
+    {
+        using var scope = NewDisposeScope();
+        long b = inputsEmbeds.shape[0], l = inputsEmbeds.shape[1];
+        if (l > _c.MaxPositionEmbeddings) throw new PolicyInputException($"sequence of {l} tokens exceeds max_position_embeddings {_c.MaxPositionEmbeddings}");
+        var device = inputsEmbeds.device;
+        var positions = arange(l, device: device).view(1, l).expand(b, l);
+        var (cos, sin) = _rope.Gather(positions);
+        Tensor? mask = null;
+        if (valid is not null)
+        {
+            var pos = arange(l, device: device);
+            var causal = pos.view(1, 1, 1, l).le(pos.view(1, 1, l, 1));
+            mask = (causal & valid.view(b, 1, 1, l)) | pos.view(1, 1, 1, l).eq(pos.view(1, 1, l, 1));
+        }
+        var x = inputsEmbeds;
+        foreach (var layer in model.Layers)
+        {
+            Tensor Run(Tensor h) => layer.Forward(h, cos, sin, null, 0, mask);
+            x = layerRunner is null ? Run(x) : layerRunner(layer, x, Run);
+        }
+        return model.norm.forward(x).MoveToOuterDisposeScope();
+    }
 
     protected override void Dispose(bool disposing)
     {
