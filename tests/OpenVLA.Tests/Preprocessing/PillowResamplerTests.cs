@@ -1,0 +1,121 @@
+using OpenVLA.Policy;
+using OpenVLA.Policy.Preprocessing;
+
+namespace OpenVLA.Tests.Preprocessing;
+
+/// <summary>
+/// Resize results computed by hand from Pillow's bicubic kernel (Keys, a = −0.5):
+///   K(x) = 1.5|x|³ − 2.5|x|² + 1 for |x| &lt; 1,   −0.5|x|³ + 2.5|x|² − 4|x| + 2 for 1 ≤ |x| &lt; 2,   0 beyond.
+/// Output pixel i has centre c = (i + 0.5)·in/out; tap j gets K((j + 0.5 − c) / max(in/out, 1)); weights are divided by their sum;
+/// each pass rounds to 8 bits and clips to [0, 255].
+/// </summary>
+public class PillowResamplerTests
+{
+    private static RgbImage Gray(int width, int height, params byte[] values) =>
+        new(width, height, values.SelectMany(v => new[] { v, v, v }).ToArray());
+
+    private static byte[] Channel(RgbImage image, int c) => Enumerable.Range(0, image.Width * image.Height).Select(i => image.Pixels[i * 3 + c]).ToArray();
+
+    [Fact]
+    public void BicubicKernelHasTheKeysValues()
+    {
+        Assert.Equal(1.0, PillowResampler.Evaluate(ResampleFilter.Bicubic, 0.0));
+        Assert.Equal(0.8671875, PillowResampler.Evaluate(ResampleFilter.Bicubic, 0.25));
+        Assert.Equal(0.2265625, PillowResampler.Evaluate(ResampleFilter.Bicubic, -0.75));
+        Assert.Equal(-0.0703125, PillowResampler.Evaluate(ResampleFilter.Bicubic, 1.25));
+        Assert.Equal(0.0, PillowResampler.Evaluate(ResampleFilter.Bicubic, 1.0));
+        Assert.Equal(0.0, PillowResampler.Evaluate(ResampleFilter.Bicubic, 2.0));
+    }
+
+    [Fact]
+    public void DownscaleByTwoStretchesTheKernelAndNormalizesTheWeights()
+    {
+        // 4 -> 2: scale 2, support 2·2 = 4. Output 0 has centre 1.0 and taps at (j + 0.5 − 1)/2 = −0.25, 0.25, 0.75, 1.25:
+        // K = 0.8671875, 0.8671875, 0.2265625, −0.0703125, sum 1.890625. Output 1 (centre 3) uses the mirror image.
+        var c = PillowResampler.Coefficients.Compute(4, 2, ResampleFilter.Bicubic);
+        double[] expected = [0.8671875 / 1.890625, 0.8671875 / 1.890625, 0.2265625 / 1.890625, -0.0703125 / 1.890625];
+        Assert.Equal([0, 0], c.Start);
+        Assert.Equal([4, 4], c.Count);
+        for (int j = 0; j < 4; j++)
+        {
+            Assert.Equal(expected[j], c.FloatWeights[j], 12);
+            Assert.Equal(expected[3 - j], c.FloatWeights[c.Stride + j], 12);
+        }
+        // 22-bit fixed point, rounded half away from zero: 0.458677…·2^22 = 1923834, −0.037190…·2^22 = −155987; they sum to 2^22.
+        Assert.Equal([1923834, 1923834, 502623, -155987], c.Weights.Take(4));
+    }
+
+    [Fact]
+    public void FourByFourToTwoByTwoRoundsAfterEachPass()
+    {
+        // Red rows:   10  50 200 255 |   0 0 0 0 | 255 255 255 255 | 30 60 90 120
+        // Horizontal: (10·.8671875 + 50·.8671875 + 200·.2265625 − 255·.0703125)/1.890625 = 42.004 -> 42;
+        //             (−10·.0703125 + 50·.2265625 + 200·.8671875 + 255·.8671875)/1.890625 = 214.318 -> 214
+        //             row 2 -> 0, 0; row 3 -> 255, 255; row 4 -> 47.60 -> 48, 101.9 -> 102
+        // Vertical on the rounded columns (42, 0, 255, 48) and (214, 0, 255, 102):
+        //   (42·.8671875 + 0·.8671875 + 255·.2265625 − 48·.0703125)/1.890625 = 48.04 -> 48
+        //   (214·.8671875 + 255·.2265625 − 102·.0703125)/1.890625 = 124.92 -> 125
+        //   (−42·.0703125 + 255·.8671875 + 48·.8671875)/1.890625 = 137.42 -> 137
+        //   (−214·.0703125 + 255·.8671875 + 102·.8671875)/1.890625 = 155.79 -> 156
+        byte[] red = [10, 50, 200, 255, 0, 0, 0, 0, 255, 255, 255, 255, 30, 60, 90, 120];
+        var pixels = new byte[48];
+        for (int i = 0; i < 16; i++) (pixels[i * 3], pixels[i * 3 + 1], pixels[i * 3 + 2]) = (red[i], 77, (byte)(i < 8 ? 0 : 255));
+        var output = PillowResampler.Resize(new RgbImage(4, 4, pixels), 2, 2);
+
+        Assert.Equal((2, 2), (output.Width, output.Height));
+        Assert.Equal([48, 125, 137, 156], Channel(output, 0));
+        Assert.Equal([77, 77, 77, 77], Channel(output, 1)); // the fixed-point weights sum to exactly 2^22: a flat image stays flat
+        // Blue: top half 0, bottom half 255. Vertical: (0 + 0 + 255·.2265625 + 255·(−.0703125))/1.890625 = 21.08 -> 21,
+        // and (0·(−.0703125) + 0·.2265625 + 255·.8671875 + 255·.8671875)/1.890625 = 233.92 -> 234.
+        Assert.Equal([21, 21, 234, 234], Channel(output, 2));
+    }
+
+    [Fact]
+    public void ThreeToFiveUpscalesWithTheUnstretchedKernelAndClips()
+    {
+        // 3 -> 5: scale 0.6, support 2. Centres 0.3, 0.9, 1.5, 2.1, 2.7; windows clipped to the image:
+        //   out 0: taps 0,1 at +0.2, +1.2:          K = 0.912, −0.064           (sum 0.848)
+        //   out 1: taps 0,1,2 at −0.4, 0.6, 1.6:    K = 0.696, 0.424, −0.048    (sum 1.072)
+        //   out 2: taps at −1, 0, 1:                K = 0, 1, 0
+        //   out 3, out 4: mirror images of out 1, out 0.
+        // Red 40 100 220:  (40·.912 − 100·.064)/.848 = 35.47 -> 35;  (40·.696 + 100·.424 − 220·.048)/1.072 = 55.67 -> 56;  100;
+        //                  (−40·.048 + 100·.424 + 220·.696)/1.072 = 180.60 -> 181;  (−100·.064 + 220·.912)/.848 = 229.06 -> 229
+        // Green 255 0 255: 255·.912/.848 = 274.2 -> clipped 255;  (255·.696 − 255·.048)/1.072 = 154.14 -> 154;  0; 154; 255
+        // Blue 0 255 0:    −255·.064/.848 = −19.2 -> clipped 0;  255·.424/1.072 = 100.86 -> 101;  255; 101; 0
+        var input = new RgbImage(3, 1, [40, 255, 0, 100, 0, 255, 220, 255, 0]);
+        var output = PillowResampler.Resize(input, 5, 1);
+
+        Assert.Equal([35, 56, 100, 181, 229], Channel(output, 0));
+        Assert.Equal([255, 154, 0, 154, 255], Channel(output, 1));
+        Assert.Equal([0, 101, 255, 101, 0], Channel(output, 2));
+    }
+
+    [Fact]
+    public void SameSizeIsACopyWithoutResampling()
+    {
+        // Pillow's Image.resize returns a copy when the size matches; a resampling pass would blur this checkerboard.
+        var input = Gray(3, 2, 0, 255, 0, 255, 0, 255);
+        var output = PillowResampler.Resize(input, 3, 2);
+        Assert.Equal(input.Pixels, output.Pixels);
+        Assert.NotSame(input.Pixels, output.Pixels);
+    }
+
+    [Fact]
+    public void OnlyTheDimensionThatChangesIsResampled()
+    {
+        // 3x2 -> 3x1 is a pure vertical pass: each column is the mean of its two rows
+        // (scale 2: the two taps sit at −0.25 and +0.25, equal weights of 1/2).
+        var input = Gray(3, 2, 0, 100, 200, 100, 200, 255);
+        var output = PillowResampler.Resize(input, 3, 1);
+        Assert.Equal([50, 150, 228], Channel(output, 0)); // 227.5 rounds half up in fixed point
+    }
+
+    [Fact]
+    public void BilinearDownscaleAveragesWithATriangleOfTwiceTheWidth()
+    {
+        // 4 -> 2 bilinear: support 2, taps at ±0.25, 0.75 (and 1.25 outside): weights 0.75, 0.75, 0.25 / 1.75 for output 0.
+        // (0·.75 + 70·.75 + 140·.25)/1.75 = 50;  output 1: (70·.25 + 140·.75 + 210·.75)/1.75 = 160
+        var output = PillowResampler.Resize(Gray(4, 1, 0, 70, 140, 210), 2, 1, ResampleFilter.Bilinear);
+        Assert.Equal([50, 160], Channel(output, 0));
+    }
+}
