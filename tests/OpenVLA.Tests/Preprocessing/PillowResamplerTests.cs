@@ -118,4 +118,52 @@ public class PillowResamplerTests
         var output = PillowResampler.Resize(Gray(4, 1, 0, 70, 140, 210), 2, 1, ResampleFilter.Bilinear);
         Assert.Equal([50, 160], Channel(output, 0));
     }
+    /// <summary>
+    /// Pillow's own accuracy results (its resample test suite) for a pattern of two bright (0xe1) and two dark (0x1e) squares, top
+    /// left and bottom right bright. Given: the top-left quarter of the output, row by row; the rest follows by symmetry (mirrored
+    /// quarters equal, the other two are 255 minus it). An independent check that our arithmetic is Pillow's, not just plausible.
+    /// </summary>
+    [Theory]
+    [InlineData(8, 4, 2, "e1 c9 c9 b7")]
+    [InlineData(8, 4, 5, "e1 da da d3")]
+    [InlineData(8, 4, 4, "e1 e1 e1 e1")]
+    [InlineData(12, 6, 3, "e1 e3 d4 e3 e5 d6 d4 d6 c9")]
+    [InlineData(16, 8, 1, "e1 e0 e4 d7 e0 df e3 d6 e4 e3 e7 da d7 d6 d9 ce")]
+    [InlineData(2, 4, 2, "e1 b0 b0 98")]
+    [InlineData(2, 4, 5, "e1 d2 d2 c5")]
+    [InlineData(4, 8, 3, "e1 e5 ee b9 e5 e9 f3 bc ee f3 fd c1 b9 bc c1 a2")]
+    [InlineData(6, 12, 1,
+        "e1 e0 db ed f5 b8 e0 df da ec f3 b7 db db d6 e7 ee b5 ed ec e6 fb ff bf f5 f4 ee ff ff c4 b8 b7 b4 bf c4 a0")]
+    public void MatchesPillowsPublishedResultsForTheTwoSquarePattern(int size, int outSize, int pilFilter, string quarter)
+    {
+        ResampleFilter filter = PreprocessorConfig.FilterCode(pilFilter); // 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming
+        var values = new byte[size * size];
+        for (int y = 0; y < size; y++)
+            for (int x = 0; x < size; x++) values[y * size + x] = (x < size / 2) == (y < size / 2) ? (byte)0xe1 : (byte)0x1e;
+        var output = PillowResampler.Resize(Gray(size, size, values), outSize, outSize, filter);
+
+        byte[] q = quarter.Split(' ').Select(h => Convert.ToByte(h, 16)).ToArray();
+        int half = outSize / 2;
+        var expected = new byte[outSize * outSize];
+        for (int y = 0; y < half; y++)
+            for (int x = 0; x < half; x++)
+            {
+                byte v = q[y * half + x];
+                expected[y * outSize + x] = v;
+                expected[(outSize - 1 - y) * outSize + outSize - 1 - x] = v;
+                expected[(outSize - 1 - y) * outSize + x] = (byte)(255 - v);
+                expected[y * outSize + outSize - 1 - x] = (byte)(255 - v);
+            }
+        for (int c = 0; c < 3; c++) Assert.Equal(expected, Channel(output, c));
+    }
+
+    [Fact]
+    public void HugeReductionKeepsExactCoefficients()
+    {
+        // Half 254, half 0, 400000 wide -> 5: the middle output straddles the edge symmetrically and must be exactly 254 // 2.
+        var values = new byte[400_000];
+        Array.Fill(values, (byte)254, 0, 200_000);
+        var output = PillowResampler.Resize(Gray(400_000, 1, values), 5, 1);
+        Assert.Equal(127, output.Pixels[2 * 3]);
+    }
 }
