@@ -40,10 +40,13 @@ public sealed class ImagePreprocessor(PreprocessorConfig config)
         var (h, w) = Config.OutputSize;
         int plane = h * w;
         var values = new float[Config.Channels * plane];
+        RgbImage? previous = null;
         for (int t = 0; t < Config.Towers.Count; t++)
         {
             TowerPreprocessing tower = Config.Towers[t];
-            byte[] px = TowerImage(image, t).Pixels;
+            // The towers of OpenVLA share resize and crop; only normalization differs, so resample once.
+            previous = previous is not null && SameGeometry(Config.Towers[t - 1], tower) ? previous : TowerImage(image, t);
+            byte[] px = previous.Pixels;
             for (int c = 0; c < 3; c++)
             {
                 float mean = tower.NormalizeMean[c], std = tower.NormalizeStd[c];
@@ -76,6 +79,10 @@ public sealed class ImagePreprocessor(PreprocessorConfig config)
         RgbImage atModelSize = TowerImage(image, 0);
         return ImageGeometry.CenterCropAndResize(atModelSize, AugmentationCropArea, atModelSize.Width, atModelSize.Height);
     }
+
+    private static bool SameGeometry(TowerPreprocessing a, TowerPreprocessing b) =>
+        a.ResizeSize == b.ResizeSize && a.ResizeShorterSide == b.ResizeShorterSide && a.InterpolationCode == b.InterpolationCode
+        && a.CropHeight == b.CropHeight && a.CropWidth == b.CropWidth;
 
     /// <summary>torchvision <c>resize</c> output size: exact (h, w), or the shorter side set and the longer one int(size · long / short).</summary>
     internal static (int Width, int Height) ResizedSize(int width, int height, TowerPreprocessing tower)

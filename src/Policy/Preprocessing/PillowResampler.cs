@@ -123,16 +123,19 @@ internal static class PillowResampler
         int row = src.Width * 3;
         var dst = new byte[row * outHeight];
         byte[] s = src.Pixels;
-        Parallel.For(0, outHeight, y =>
+        Parallel.For(0, outHeight, () => new int[row], (y, _, acc) =>
         {
-            int k0 = y * c.Stride, first = c.Start[y], n = c.Count[y];
-            for (int i = 0; i < row; i++)
+            // Row by row for cache locality; integer sums do not depend on the order of the taps.
+            Array.Fill(acc, 1 << (PrecisionBits - 1));
+            int k0 = y * c.Stride;
+            for (int j = 0; j < c.Count[y]; j++)
             {
-                int acc = 1 << (PrecisionBits - 1);
-                for (int j = 0; j < n; j++) acc += s[(first + j) * row + i] * c.Weights[k0 + j];
-                dst[y * row + i] = Clip8(acc);
+                int w = c.Weights[k0 + j], srcRow = (c.Start[y] + j) * row;
+                for (int i = 0; i < row; i++) acc[i] += s[srcRow + i] * w;
             }
-        });
+            for (int i = 0; i < row; i++) dst[y * row + i] = Clip8(acc[i]);
+            return acc;
+        }, _ => { });
         return new RgbImage(src.Width, outHeight, dst);
     }
 

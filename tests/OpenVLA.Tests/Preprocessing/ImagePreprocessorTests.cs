@@ -99,6 +99,8 @@ public class ImagePreprocessorTests
         using var bf16 = pre.PreprocessBatch(images, device: CPU, dtype: ScalarType.BFloat16);
         Assert.Equal(ScalarType.BFloat16, bf16.dtype);
         Assert.Equal(DeviceType.CPU, bf16.device_type);
+        using var explicitCpu = pre.PreprocessBatch(images, device: CPU, dtype: ScalarType.Float32);
+        Assert.True(explicitCpu.allclose(batch, rtol: 0, atol: 0));
         Assert.Throws<PolicyInputException>(() => pre.PreprocessBatch([]));
     }
 
@@ -154,5 +156,21 @@ public class ImagePreprocessorTests
         Assert.True(t.allclose(expected, rtol: 0, atol: 0));
         using var plain = pre.Preprocess(image);
         Assert.False(t.allclose(plain, rtol: 0, atol: 0));
+    }
+    [Fact]
+    public void TowersWithDifferentInterpolationsAreResampledSeparately()
+    {
+        const string json = """
+            {"image_resize_strategy": "resize-naive", "use_fused_vision_backbone": true, "input_sizes": [[3, 4, 4], [3, 4, 4]],
+             "interpolations": ["bicubic", "bilinear"], "means": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]], "stds": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]}
+            """;
+        var pre = new ImagePreprocessor(PreprocessorConfig.Parse(json));
+        var image = Noise(11, 9, 8);
+        using var t = pre.Preprocess(image);
+        var bicubic = PillowResampler.Resize(image, 4, 4, ResampleFilter.Bicubic);
+        var bilinear = PillowResampler.Resize(image, 4, 4, ResampleFilter.Bilinear);
+        Assert.NotEqual(bicubic.Pixels, bilinear.Pixels);
+        Assert.Equal((bicubic.Pixels[5 * 3] / 255f - 0.5f) / 0.5f, t[0, 1, 1].item<float>());
+        Assert.Equal((bilinear.Pixels[5 * 3] / 255f - 0.5f) / 0.5f, t[3, 1, 1].item<float>());
     }
 }
