@@ -15,7 +15,10 @@ public static class ImageDecoder
 
     private static ReadOnlySpan<byte> PngSignature => [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A];
 
-    /// <summary>Decodes JPEG or PNG bytes (grayscale and alpha are converted to RGB; alpha is dropped as PIL's convert("RGB") does).</summary>
+    /// <summary>
+    /// Decodes JPEG or PNG bytes into the stored pixels, as PIL's <c>Image.open(...).convert("RGB")</c> gives them: grayscale is
+    /// replicated, alpha dropped, and the EXIF orientation tag ignored.
+    /// </summary>
     public static RgbImage Decode(byte[] encoded)
     {
         ArgumentNullException.ThrowIfNull(encoded);
@@ -90,7 +93,8 @@ public static class ImageDecoder
         Mat mat;
         try
         {
-            mat = Cv2.ImDecode(encoded, ImreadModes.Color);
+            // PIL (the reference) does not apply the EXIF orientation tag; OpenCV does unless told not to.
+            mat = Cv2.ImDecode(encoded, ImreadModes.Color | ImreadModes.IgnoreOrientation);
         }
         catch (OpenCVException e)
         {

@@ -99,4 +99,20 @@ public class ImageDecoderTests
             Directory.Delete(dir, recursive: true);
         }
     }
+    [Fact]
+    public void ExifOrientationIsIgnoredLikePil()
+    {
+        // An APP1 segment right after SOI: "Exif\0\0", big-endian TIFF header, one IFD entry Orientation (0x0112) = 6 (rotate 90°).
+        byte[] jpeg = Encode(".jpg");
+        byte[] app1 =
+        [
+            0xFF, 0xE1, 0x00, 0x22, (byte)'E', (byte)'x', (byte)'i', (byte)'f', 0, 0,
+            (byte)'M', (byte)'M', 0x00, 0x2A, 0x00, 0x00, 0x00, 0x08,
+            0x00, 0x01, 0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00,
+        ];
+        byte[] rotated = [.. jpeg[..2], .. app1, .. jpeg[2..]];
+        var image = ImageDecoder.Decode(rotated);
+        Assert.Equal((5, 3), (image.Width, image.Height));
+    }
 }
