@@ -63,7 +63,7 @@ public sealed class ImagePreprocessor(PreprocessorConfig config)
         TowerPreprocessing t = Config.Towers[tower];
         if (Config.DoLetterbox) image = ImageGeometry.LetterboxPad(image, Config.LetterboxFill);
         var (width, height) = ResizedSize(image.Width, image.Height, t);
-        image = PillowResampler.Resize(image, width, height, PreprocessorConfig.FilterCode(t.InterpolationCode));
+        image = PillowResampler.Resize(image, width, height, PreprocessorConfig.FilterOf(t.InterpolationCode)!.Value);
         return ImageGeometry.CenterCrop(image, t.CropWidth, t.CropHeight);
     }
 

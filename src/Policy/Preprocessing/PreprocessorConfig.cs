@@ -131,15 +131,20 @@ public sealed record PreprocessorConfig(
             }
             if (cropParams?[i] is JsonObject cp && cp["output_size"] is JsonNode os)
             {
-                int[] v = os is JsonArray ? reader.Ints(os, $"tvf_crop_params[{i}].output_size", 2) : [reader.Int(os, $"tvf_crop_params[{i}].output_size"), 0];
-                (cropH, cropW) = os is JsonArray ? (v[0], v[1]) : (v[0], v[0]);
+                string p = $"tvf_crop_params[{i}].output_size";
+                if (os is JsonArray)
+                {
+                    int[] hw = reader.Ints(os, p, 2);
+                    (cropH, cropW) = (hw[0], hw[1]);
+                }
+                else cropH = cropW = reader.Int(os, p); // torchvision: an int crops a square
             }
             if (normalizeParams?[i] is JsonObject np)
             {
                 if (np["mean"] is JsonNode mn) normMean = reader.Doubles(mn, $"tvf_normalize_params[{i}].mean", 3).Select(v => (float)v).ToArray();
                 if (np["std"] is JsonNode sd) normStd = reader.Doubles(sd, $"tvf_normalize_params[{i}].std", 3).Select(v => (float)v).ToArray();
             }
-            if (!Enum.IsDefined(typeof(ResampleFilter), FilterCode(code)))
+            if (FilterOf(code) is null)
                 throw new CheckpointException($"{source}: interpolation code {code} of tower {i} is not supported (use 1 lanczos, 2 bilinear, 3 bicubic, 4 box or 5 hamming)");
             if (normStd.Any(v => !(v > 0)))
                 throw new CheckpointException($"{source}: normalization std of tower {i} must be positive, got [{string.Join(", ", normStd)}]");
@@ -218,14 +223,15 @@ public sealed record PreprocessorConfig(
         return BitConverter.UInt32BitsToSingle(bits & 0xFFFF0000u);
     }
 
-    internal static ResampleFilter FilterCode(int code) => code switch
+    /// <summary>The resampling filter of a torchvision/PIL interpolation code, or null for codes we do not implement (0 nearest).</summary>
+    internal static ResampleFilter? FilterOf(int code) => code switch
     {
         1 => ResampleFilter.Lanczos,
         2 => ResampleFilter.Bilinear,
         3 => ResampleFilter.Bicubic,
         4 => ResampleFilter.Box,
         5 => ResampleFilter.Hamming,
-        _ => (ResampleFilter)(-1),
+        _ => null,
     };
 
     private static int InterpolationCodeOf(string name, string source, string field) => name switch

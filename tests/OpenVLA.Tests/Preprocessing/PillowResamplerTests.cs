@@ -136,7 +136,7 @@ public class PillowResamplerTests
         "e1 e0 db ed f5 b8 e0 df da ec f3 b7 db db d6 e7 ee b5 ed ec e6 fb ff bf f5 f4 ee ff ff c4 b8 b7 b4 bf c4 a0")]
     public void MatchesPillowsPublishedResultsForTheTwoSquarePattern(int size, int outSize, int pilFilter, string quarter)
     {
-        ResampleFilter filter = PreprocessorConfig.FilterCode(pilFilter); // 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming
+        ResampleFilter filter = PreprocessorConfig.FilterOf(pilFilter)!.Value; // 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming
         var values = new byte[size * size];
         for (int y = 0; y < size; y++)
             for (int x = 0; x < size; x++) values[y * size + x] = (x < size / 2) == (y < size / 2) ? (byte)0xe1 : (byte)0x1e;

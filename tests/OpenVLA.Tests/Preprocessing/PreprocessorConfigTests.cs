@@ -88,6 +88,8 @@ public class PreprocessorConfigTests
         var config = PreprocessorConfig.Parse("""{"image_resize_strategy": "resize-crop", "input_sizes": [[3, 224, 224]], "interpolations": ["bicubic"]}""");
         Assert.False(config.DoLetterbox);
         Assert.Equal(224, config.Towers[0].ResizeShorterSide);
+        var intCrop = PreprocessorConfig.Parse("""{"tvf_crop_params": [{"output_size": 200}]}""");
+        Assert.Equal((200, 200), intCrop.OutputSize);
     }
 
     [Theory]
@@ -97,6 +99,8 @@ public class PreprocessorConfigTests
     [InlineData("""{"interpolations": ["nearest"]}""", "interpolations[0] must be one of bicubic")]
     [InlineData("""{"means": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]}""", "means has 2 entries, expected 1")]
     [InlineData("""{"tvf_normalize_params": [{"mean": [0, 0, 0], "std": [1, 0, 1]}]}""", "normalization std of tower 0 must be positive")]
+    [InlineData("""{"tvf_resize_params": [{"size": [224, 224], "interpolation": 0}]}""", "interpolation code 0 of tower 0 is not supported")]
+    [InlineData("""{"tvf_resize_params": [{"size": 224, "antialias": false}]}""", "antialias=false is not supported")]
     [InlineData("""[1, 2]""", "expected a JSON object")]
     [InlineData("""{"input_sizes": """, "invalid JSON")]
     public void InvalidConfigsFailWithAMessageNamingTheField(string json, string message)
