@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Preprocessing;
 using TorchSharp;
 
 namespace OpenVLA.Cli;
@@ -27,7 +28,7 @@ internal static class PolicyVerbs
             { checkpoint, image, instruction, unnormKey, centerCrop, dtype, device, threads, json };
         cmd.SetAction(r =>
         {
-            var frame = ImageFiles.Read(r.GetValue(image)!);
+            var frame = ImageDecoder.Load(r.GetValue(image)!);
             using var policy = VlaPolicy.Load(r.GetValue(checkpoint)!, new PolicyOptions
             {
                 DType = r.GetValue(dtype)!, Device = r.GetValue(device)!, CenterCrop = r.GetValue(centerCrop), Threads = r.GetValue(threads),
@@ -125,21 +126,5 @@ internal static class PolicyVerbs
                 px[i + 2] = (byte)(cube ? 30 : 100 + y * 60 / size);
             }
         return new RgbImage(size, size, px);
-    }
-}
-
-/// <summary>TRANSITIONAL until the preprocessing work provides the decoder: PNG/JPEG file → RGB8.</summary>
-internal static class ImageFiles
-{
-    public static RgbImage Read(string path)
-    {
-        if (!File.Exists(path)) throw new PolicyInputException($"image file '{path}' not found");
-        using var bgr = OpenCvSharp.Cv2.ImRead(path, OpenCvSharp.ImreadModes.Color);
-        if (bgr.Empty()) throw new PolicyInputException($"image file '{path}' is not a readable PNG or JPEG");
-        using var rgb = bgr.CvtColor(OpenCvSharp.ColorConversionCodes.BGR2RGB);
-        rgb.GetArray(out OpenCvSharp.Vec3b[] px);
-        var bytes = new byte[px.Length * 3];
-        for (int i = 0; i < px.Length; i++) { bytes[3 * i] = px[i].Item0; bytes[3 * i + 1] = px[i].Item1; bytes[3 * i + 2] = px[i].Item2; }
-        return new RgbImage(rgb.Width, rgb.Height, bytes);
     }
 }

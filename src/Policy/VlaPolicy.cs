@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using OpenVLA.Policy.Checkpoint;
 using OpenVLA.Policy.Model;
+using OpenVLA.Policy.Preprocessing;
 using OpenVLA.Policy.Tokenization;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -36,7 +37,7 @@ public sealed record PolicyOptions
 public sealed class VlaPolicy : IActionPolicy, IDisposable
 {
     readonly object _gate = new();
-    readonly ImageInput _images;
+    readonly ImagePreprocessor _preprocessor;
 
     public VlaCheckpoint Checkpoint { get; }
     public OpenVlaModel Model { get; }
@@ -51,7 +52,12 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     {
         Checkpoint = checkpoint; Model = model; Tokenizer = tokenizer; Options = options; LoadReport = report; Device = device;
         ActionTokenizer = new ActionTokenizer(checkpoint.Config.TokenizerVocabSize, checkpoint.Config.NActionBins);
-        _images = new ImageInput(checkpoint, options, device);
+        _preprocessor = new ImagePreprocessor(File.Exists(checkpoint.PreprocessorConfigPath)
+            ? PreprocessorConfig.Load(checkpoint.PreprocessorConfigPath)
+            : PreprocessorConfig.CreateDefault(checkpoint.Config.ImageSize));
+        var (h, w) = _preprocessor.Config.OutputSize;
+        if (h != checkpoint.Config.ImageSize || w != checkpoint.Config.ImageSize)
+            throw new CheckpointException($"{checkpoint.PreprocessorConfigPath}: output size {h}x{w} differs from config.json image_sizes {checkpoint.Config.ImageSize}");
         Description = new PolicyDescription(
             ModelId: Path.GetFileName(Path.GetFullPath(checkpoint.Directory).TrimEnd('/')),
             Architecture: "OpenVLAForActionPrediction",
@@ -109,7 +115,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             using var scope = NewDisposeScope();
             var total = Stopwatch.StartNew();
             var sw = Stopwatch.StartNew();
-            var pixels = _images.PixelValues(observations.Select(o => o.Images[0]).ToList());
+            var pixels = _preprocessor.PreprocessBatch(observations.Select(o => o.Images[0]).ToList(), Options.CenterCrop, Device, Options.ScalarType);
             double preprocessMs = Lap(sw);
 
             var patches = Model.EncodeImages(pixels);

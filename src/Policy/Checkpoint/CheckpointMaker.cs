@@ -57,7 +57,7 @@ public static class CheckpointMaker
         File.WriteAllText(Path.Combine(dir, "dataset_statistics.json"), ExampleStats().ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         File.WriteAllText(Path.Combine(dir, "generation_config.json"),
             new JsonObject { ["bos_token_id"] = 1, ["eos_token_id"] = 2, ["pad_token_id"] = config.Text.PadTokenId, ["transformers_version"] = "4.40.1" }.ToJsonString());
-        File.WriteAllText(Path.Combine(dir, "preprocessor_config.json"), PreprocessorJson(preset.ImageSize).ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        Preprocessing.PreprocessorConfig.CreateDefault(preset.ImageSize).Save(Path.Combine(dir, Preprocessing.PreprocessorConfig.FileName));
         SentencePieceModelWriter.Write(Path.Combine(dir, "tokenizer.model"), preset.TokenizerVocab);
         WriteWeights(dir, config, seed, dtype, maxShardBytes, progress);
         return config;
@@ -209,29 +209,6 @@ public static class CheckpointMaker
         {
             ["bridge_orig"] = NormStats.ToJson(bridge, 2135463, 60064),
             ["sim_tabletop"] = NormStats.ToJson(sim, 10000, 100),
-        };
-    }
-
-    // TRANSITIONAL until the preprocessing work provides the writer: the layout of openvla-7b's preprocessor_config.json.
-    static JsonObject PreprocessorJson(int size)
-    {
-        JsonArray Size() => new(size, size);
-        JsonObject Resize() => new() { ["antialias"] = true, ["interpolation"] = 3, ["max_size"] = null, ["size"] = Size() };
-        return new JsonObject
-        {
-            ["image_processor_type"] = "PrismaticImageProcessor",
-            ["image_resize_strategy"] = "resize-naive",
-            ["input_sizes"] = new JsonArray(new JsonArray(3, size, size), new JsonArray(3, size, size)),
-            ["interpolations"] = new JsonArray("bicubic", "bicubic"),
-            ["means"] = new JsonArray(new JsonArray(0.485, 0.456, 0.406), new JsonArray(0.5, 0.5, 0.5)),
-            ["stds"] = new JsonArray(new JsonArray(0.229, 0.224, 0.225), new JsonArray(0.5, 0.5, 0.5)),
-            ["tvf_crop_params"] = new JsonArray(new JsonObject { ["output_size"] = Size() }, new JsonObject { ["output_size"] = Size() }),
-            ["tvf_normalize_params"] = new JsonArray(
-                new JsonObject { ["mean"] = new JsonArray(0.484375, 0.455078125, 0.40625), ["std"] = new JsonArray(0.228515625, 0.2236328125, 0.224609375), ["inplace"] = false },
-                new JsonObject { ["mean"] = new JsonArray(0.5, 0.5, 0.5), ["std"] = new JsonArray(0.5, 0.5, 0.5), ["inplace"] = false }),
-            ["tvf_resize_params"] = new JsonArray(Resize(), Resize()),
-            ["tvf_do_letterbox"] = false,
-            ["use_fused_vision_backbone"] = true,
         };
     }
 }

@@ -1,6 +1,6 @@
 using System.Text.Json;
-using OpenCvSharp;
 using OpenVLA.Policy;
+using OpenVLA.Policy.Preprocessing;
 
 namespace OpenVLA.Tests.Policy;
 
@@ -25,15 +25,7 @@ public class GoldenModelTests
             c.GetProperty("action").EnumerateArray().Select(e => e.GetDouble()).ToArray())).ToList();
     }
 
-    public static RgbImage ReadPng(string path)
-    {
-        using var bgr = Cv2.ImRead(path, ImreadModes.Color);
-        using var rgb = bgr.CvtColor(ColorConversionCodes.BGR2RGB);
-        rgb.GetArray(out Vec3b[] px);
-        var bytes = new byte[px.Length * 3];
-        for (int i = 0; i < px.Length; i++) { bytes[3 * i] = px[i].Item0; bytes[3 * i + 1] = px[i].Item1; bytes[3 * i + 2] = px[i].Item2; }
-        return new RgbImage(rgb.Width, rgb.Height, bytes);
-    }
+    public static RgbImage ReadPng(string path) => ImageDecoder.Load(path);
 
     static readonly Lazy<VlaPolicy> Policy = new(() => VlaPolicy.Load(TestPaths.Fixture("openvla-golden", "checkpoint")));
 
