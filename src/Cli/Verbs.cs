@@ -7,5 +7,6 @@ internal static class Verbs
 {
     public static IEnumerable<Command> All() =>
         PolicyVerbs.Create()
-            .Concat(QuantizationVerbs.Create());
+            .Concat(QuantizationVerbs.Create())
+            .Concat(BenchVerbs.Create());
 }
