@@ -37,20 +37,27 @@ internal sealed class ParquetColumns
             {
                 var field = reader.Schema.Fields.FirstOrDefault(f => f.Name == name)
                     ?? throw new DatasetException($"{path} has no column '{name}' (columns: {string.Join(", ", result.AvailableColumns)})");
-                result._columns[name] = field switch
+                try { result._columns[name] = await ReadColumnAsync(reader, field, result.RowCount, path); }
+                catch (Exception e) when (e is not DatasetException)
                 {
-                    ListField list when list.Item is DataField leaf => await ReadNumberListsAsync(reader, leaf, result.RowCount, path),
-                    StructField s when s.Fields.OfType<DataField>().FirstOrDefault(f => f.Name == "bytes") is { } bytes =>
-                        await ReadBinaryAsync(reader, bytes, result.RowCount),
-                    DataField d when d.ClrType == typeof(string) || d.ClrType == typeof(ReadOnlyMemory<char>) => await ReadStringsAsync(reader, d, result.RowCount),
-                    DataField d when d.ClrType == typeof(byte[]) || d.ClrType == typeof(ReadOnlyMemory<byte>) => await ReadBinaryAsync(reader, d, result.RowCount),
-                    DataField d => await ReadNumbersAsync(reader, d, result.RowCount, path),
-                    _ => throw new DatasetException($"{path}: column '{name}' has an unsupported parquet type ({field.SchemaType})"),
-                };
+                    throw new DatasetException($"{path}: cannot read column '{name}': {e.Message}", e);
+                }
             }
         }
         return result;
     }
+
+    private static async Task<object> ReadColumnAsync(ParquetReader reader, Field field, int rows, string path) =>
+        field switch
+        {
+            ListField list when list.Item is DataField leaf => await ReadNumberListsAsync(reader, leaf, rows, path),
+            StructField s when s.Fields.OfType<DataField>().FirstOrDefault(f => f.Name == "bytes") is { } bytes =>
+                await ReadBinaryAsync(reader, bytes, rows),
+            DataField d when d.ClrType == typeof(string) || d.ClrType == typeof(ReadOnlyMemory<char>) => await ReadStringsAsync(reader, d, rows),
+            DataField d when d.ClrType == typeof(byte[]) || d.ClrType == typeof(ReadOnlyMemory<byte>) => await ReadBinaryAsync(reader, d, rows),
+            DataField d => await ReadNumbersAsync(reader, d, rows, path),
+            _ => throw new DatasetException($"{path}: column '{field.Name}' has an unsupported parquet type ({field.SchemaType})"),
+        };
 
     public bool Has(string column) => _columns.ContainsKey(column);
     public bool IsNumberList(string column) => _columns.TryGetValue(column, out var o) && o is float[][];
@@ -131,7 +138,7 @@ internal sealed class ParquetColumns
     private static async Task<T[]> Raw<T>(ParquetRowGroupReader rg, DataField field, int[] defs, int[] reps) where T : struct
     {
         var values = new T[defs.Length];
-        await rg.ReadRawAsync<T>(field, values, field.MaxDefinitionLevel > 0 ? defs : null, field.MaxRepetitionLevel > 0 ? reps : null);
+        await rg.ReadRawAsync<T>(field, values, defs, reps);
         return values;
     }
 
