@@ -150,7 +150,7 @@ public sealed record GripperConvention
     public bool Invert { get; init; }
     public double? BinarizeThreshold { get; init; }
 
-    internal float Apply(float x)
+    public float Apply(float x)
     {
         double v = x;
         if (FromRange is { } r) v = (v - r[0]) / (r[1] - r[0]);
