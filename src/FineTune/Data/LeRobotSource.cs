@@ -112,8 +112,8 @@ internal sealed partial class LeRobotSource : IEpisodeSource
         bool needTimestamps = withFrames && _config.ImageKeys!.Any(k => _features[k].Dtype == "video");
         wanted.AddRange(imageKeys);
         if (needTimestamps) wanted.Add("timestamp");
-        if (ParquetHasColumn(file, "frame_index")) wanted.Add("frame_index");
-        var cols = ParquetColumns.Read(file, wanted);
+        if (!File.Exists(file)) throw new DatasetException($"episode file not found: {file}");
+        var cols = ParquetColumns.Read(file, wanted, optional: ["frame_index"]);
         int rows = cols.RowCount;
         if (rows != length) throw new DatasetException($"{file} has {rows} rows but meta/episodes.jsonl says episode {index} has {length}");
 
@@ -187,13 +187,6 @@ internal sealed partial class LeRobotSource : IEpisodeSource
             }
         }
         return frames;
-    }
-
-    private static bool ParquetHasColumn(string file, string column)
-    {
-        if (!File.Exists(file)) throw new DatasetException($"episode file not found: {file}");
-        var schema = Parquet.ParquetReader.ReadSchemaAsync(file).GetAwaiter().GetResult();
-        return schema.Fields.Any(f => f.Name == column);
     }
 
     /// <summary>Python str.format for the templates in info.json: {name} and {name:0Nd}.</summary>

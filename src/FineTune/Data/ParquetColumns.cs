@@ -18,9 +18,11 @@ internal sealed class ParquetColumns
 
     private ParquetColumns(string path) => Path = path;
 
-    public static ParquetColumns Read(string path, IEnumerable<string> columns) => ReadAsync(path, columns).GetAwaiter().GetResult();
+    /// <param name="optional">Columns read only when the file has them (see <see cref="Has"/>).</param>
+    public static ParquetColumns Read(string path, IEnumerable<string> columns, IEnumerable<string>? optional = null) =>
+        ReadAsync(path, columns, optional ?? []).GetAwaiter().GetResult();
 
-    private static async Task<ParquetColumns> ReadAsync(string path, IEnumerable<string> columns)
+    private static async Task<ParquetColumns> ReadAsync(string path, IEnumerable<string> required, IEnumerable<string> optional)
     {
         if (!File.Exists(path)) throw new DatasetException($"parquet file not found: {path}");
         var result = new ParquetColumns(path);
@@ -33,7 +35,8 @@ internal sealed class ParquetColumns
             long rows = 0;
             for (int g = 0; g < reader.RowGroupCount; g++) rows += reader.OpenRowGroupReader(g).RowCount;
             result.RowCount = checked((int)rows);
-            foreach (string name in columns.Distinct())
+            var present = reader.Schema.Fields.Select(f => f.Name).ToHashSet(StringComparer.Ordinal);
+            foreach (string name in required.Concat(optional.Where(present.Contains)).Distinct())
             {
                 var field = reader.Schema.Fields.FirstOrDefault(f => f.Name == name)
                     ?? throw new DatasetException($"{path} has no column '{name}' (columns: {string.Join(", ", result.AvailableColumns)})");

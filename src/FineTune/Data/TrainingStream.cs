@@ -30,6 +30,11 @@ public sealed record StreamOptions
     public bool Repeat { get; init; } = true;
     /// <summary>Resize frames to this square size before augmentation (the reference resizes to 224 in its RLDS pipeline); null keeps the stored size.</summary>
     public int? ImageSize { get; init; }
+    /// <summary>
+    /// How frames are resized to <see cref="ImageSize"/> (width, height); null: <see cref="ImageCodec.Resize"/>. Pass the
+    /// policy's own resize here so training sees frames resized exactly as at inference.
+    /// </summary>
+    public Func<RgbImage, int, int, RgbImage>? Resizer { get; init; }
     /// <summary>Augmentation (OpenVLA's image_aug), or null for none.</summary>
     public ImageAugmentation? Augmentation { get; init; }
 }
@@ -189,7 +194,7 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         {
             var frame = data.Frames[c][step] ?? throw new InvalidOperationException($"frame {step} of episode {episode} was already handed out");
             var image = frame.Decode();
-            if (_options.ImageSize is { } size) image = ImageCodec.Resize(image, size, size);
+            if (_options.ImageSize is { } size) image = (_options.Resizer ?? ImageCodec.Resize)(image, size, size);
             if (_options.Augmentation is { } aug) image = aug.Apply(image, Rng.For(_options.Seed, 0xA06 + (ulong)c, sampleKey));
             images[c] = image;
             data.Frames[c][step] = null;

@@ -52,6 +52,24 @@ public class TrainingStreamTests
     }
 
     [Fact]
+    public void Frames_are_resized_then_augmented_when_asked()
+    {
+        using var dir = new TempDir();
+        TestDatasets.WriteLeRobot(dir.Path, [3, 3]);
+        using var data = VlaDataset.Open(dir.Path);
+        int resizes = 0;
+        var options = new StreamOptions
+        {
+            ImageSize = 16,
+            Resizer = (image, w, h) => { resizes++; return ImageCodec.Resize(image, w, h); },
+            Augmentation = ImageAugmentation.OpenVla,
+        };
+        var samples = new TrainingStream(data, data.UsableEpisodes, data.ComputeStatistics(), options).Take(4).ToList();
+        Assert.All(samples, s => Assert.Equal((16, 16), (s.Images[0].Width, s.Images[0].Height)));
+        Assert.Equal(4, resizes);
+    }
+
+    [Fact]
     public void Memory_stays_within_the_buffer_plus_one_episode()
     {
         using var dir = new TempDir();
