@@ -48,10 +48,11 @@ public sealed record ImageAugmentation
             for (int p = 0; p < n; p++) px[p * 3 + c] = Math.Clamp((px[p * 3 + c] - mean) * contrast + mean, 0f, 1f);
         }
 
+        // Saturation then hue, each an RGB→HSV→RGB round trip in the reference; one round trip applying both is the same
+        // (the intermediate RGB is already in [0, 1], and converting it back gives the same H, S', V up to float rounding).
         float saturation = (float)rng.Uniform(SaturationLow, SaturationHigh);
-        AdjustHsv(px, n, hueShift: 0f, saturationFactor: saturation);
         float hue = (float)rng.Uniform(-HueDelta, HueDelta);
-        AdjustHsv(px, n, hueShift: hue, saturationFactor: 1f);
+        AdjustHsv(px, n, hueShift: hue, saturationFactor: saturation);
 
         // float -> uint8 as tf.image.convert_image_dtype(saturate=True): truncate x·255.5.
         var output = new byte[px.Length];
@@ -65,26 +66,41 @@ public sealed record ImageAugmentation
     /// </summary>
     private static float[] CropAndResize(float[] src, int w, int h, double y0, double x0, double y1, double x1)
     {
+        var (top, bottom, fy) = Taps(h, y0, y1);
+        var (left, right, fx) = Taps(w, x0, x1);
         var dst = new float[src.Length];
         for (int oy = 0; oy < h; oy++)
         {
-            double sy = h > 1 ? y0 * (h - 1) + oy * (y1 - y0) : 0.5 * (y0 + y1) * (h - 1);
-            int ty = Math.Clamp((int)Math.Floor(sy), 0, h - 1), by = Math.Min(ty + 1, h - 1);
-            float fy = (float)(sy - ty);
+            int rowT = top[oy] * w, rowB = bottom[oy] * w;
+            float wy = fy[oy];
             for (int ox = 0; ox < w; ox++)
             {
-                double sx = w > 1 ? x0 * (w - 1) + ox * (x1 - x0) : 0.5 * (x0 + x1) * (w - 1);
-                int lx = Math.Clamp((int)Math.Floor(sx), 0, w - 1), rx = Math.Min(lx + 1, w - 1);
-                float fx = (float)(sx - lx);
+                int tl = (rowT + left[ox]) * 3, tr = (rowT + right[ox]) * 3, bl = (rowB + left[ox]) * 3, br = (rowB + right[ox]) * 3;
+                float wx = fx[ox];
+                int o = (oy * w + ox) * 3;
                 for (int c = 0; c < 3; c++)
                 {
-                    float top = src[(ty * w + lx) * 3 + c] + (src[(ty * w + rx) * 3 + c] - src[(ty * w + lx) * 3 + c]) * fx;
-                    float bottom = src[(by * w + lx) * 3 + c] + (src[(by * w + rx) * 3 + c] - src[(by * w + lx) * 3 + c]) * fx;
-                    dst[(oy * w + ox) * 3 + c] = top + (bottom - top) * fy;
+                    float t = src[tl + c] + (src[tr + c] - src[tl + c]) * wx;
+                    float b = src[bl + c] + (src[br + c] - src[bl + c]) * wx;
+                    dst[o + c] = t + (b - t) * wy;
                 }
             }
         }
         return dst;
+    }
+
+    /// <summary>For each output index along one axis: the two input indices to blend and the weight of the second.</summary>
+    private static (int[] Low, int[] High, float[] Weight) Taps(int size, double from, double to)
+    {
+        var low = new int[size]; var high = new int[size]; var weight = new float[size];
+        for (int i = 0; i < size; i++)
+        {
+            double s = size > 1 ? from * (size - 1) + i * (to - from) : 0.5 * (from + to) * (size - 1);
+            low[i] = Math.Clamp((int)Math.Floor(s), 0, size - 1);
+            high[i] = Math.Min(low[i] + 1, size - 1);
+            weight[i] = (float)(s - low[i]);
+        }
+        return (low, high, weight);
     }
 
     /// <summary>RGB → HSV (hue in [0, 1)), shift hue, scale saturation (clipped to [0, 1]), HSV → RGB.</summary>
