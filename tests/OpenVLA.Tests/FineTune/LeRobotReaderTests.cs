@@ -90,6 +90,47 @@ public class LeRobotReaderTests
         Assert.Equal($"unknown LeRobot layout in {dir.Path}: codebase_version is 'v3.0', this reader supports v2.0/v2.1", e.Message);
     }
 
+    /// <summary>Hugging Face datasets (pyarrow) write every column nullable; long episodes span several row groups.</summary>
+    private sealed class HubRow
+    {
+        [System.Text.Json.Serialization.JsonPropertyName("observation.images.image")] public TestDatasets.ImageCell? Image { get; set; }
+        [System.Text.Json.Serialization.JsonPropertyName("observation.state")] public List<float?>? State { get; set; }
+        [System.Text.Json.Serialization.JsonPropertyName("action")] public List<float?>? Action { get; set; }
+        [System.Text.Json.Serialization.JsonPropertyName("timestamp")] public float? Timestamp { get; set; }
+        [System.Text.Json.Serialization.JsonPropertyName("frame_index")] public long? FrameIndex { get; set; }
+        [System.Text.Json.Serialization.JsonPropertyName("episode_index")] public long? EpisodeIndex { get; set; }
+        [System.Text.Json.Serialization.JsonPropertyName("index")] public long? Index { get; set; }
+        [System.Text.Json.Serialization.JsonPropertyName("task_index")] public long? TaskIndex { get; set; }
+    }
+
+    [Fact]
+    public async Task Reads_nullable_columns_split_over_row_groups()
+    {
+        using var dir = new TempDir();
+        TestDatasets.WriteLeRobot(dir.Path, [7]);
+        var rows = Enumerable.Range(0, 7).Select(t => new HubRow
+        {
+            Image = new TestDatasets.ImageCell { Bytes = ImageCodec.EncodePng(TestDatasets.Frame(0, t)), Path = $"frame_{t}.png" },
+            State = [0, t, 0.5f * t],
+            Action = TestDatasets.Action(0, t).Select(v => (float?)v).ToList(),
+            Timestamp = t / 10f, FrameIndex = t, EpisodeIndex = 0, Index = t, TaskIndex = 0,
+        }).ToList();
+        await using (var fs = File.Create(dir["data/chunk-000/episode_000000.parquet"]))
+            await Parquet.Serialization.ParquetSerializer.SerializeAsync(rows, fs, new Parquet.ParquetOptions { RowGroupSize = 3 });
+        await using (var check = await Parquet.ParquetReader.CreateAsync(dir["data/chunk-000/episode_000000.parquet"]))
+            Assert.Equal(3, check.RowGroupCount);
+
+        using var data = VlaDataset.Open(dir.Path);
+        var ep = data.ReadEpisode(0);
+        Assert.Equal(7, ep.Length);
+        for (int t = 0; t < 7; t++)
+        {
+            Assert.Equal(TestDatasets.Action(0, t), ep.Actions[t]);
+            Assert.Equal([0f, t, 0.5f * t], ep.Proprio[t]);
+            TestDatasets.AssertSameImage(TestDatasets.Frame(0, t), ep.Frames![0][t]!.Decode());
+        }
+    }
+
     [Fact]
     public void A_row_count_that_disagrees_with_episodes_jsonl_is_reported()
     {
