@@ -95,7 +95,8 @@ internal static class DataVerbs
     }
 
     private static VlaDataset Open(string path, string format, string? configPath) =>
-        VlaDataset.Open(path, configPath is null ? null : DatasetConfig.Load(configPath), format == "auto" ? null : format);
+        VlaDataset.Open(path, configPath is null ? null : DatasetConfig.Load(configPath), format == "auto" ? null : format,
+            progress: line => Console.Error.WriteLine($"openvla: {line}"));
 
     /// <summary>A dataset that cannot be read as configured is an input error: one line, exit code 2.</summary>
     private static int Run(Action body)

@@ -42,7 +42,7 @@ internal sealed class RldsSource : IEpisodeSource
         return train.Count > 0 ? train : all;
     }
 
-    public RldsSource(string dir, DatasetConfig config)
+    public RldsSource(string dir, DatasetConfig config, Action<string>? progress = null)
     {
         _config = config;
         _shards = FindShards(dir);
@@ -70,6 +70,7 @@ internal sealed class RldsSource : IEpisodeSource
 
         for (int s = 0; s < _shards.Count; s++)
         {
+            progress?.Invoke($"indexing shard {s + 1}/{_shards.Count} ({_index.Count} episodes so far): {Path.GetFileName(_shards[s])}");
             using var reader = TfRecordReader.Open(_shards[s], _shardCompressed[s]);
             while (true)
             {
@@ -88,7 +89,7 @@ internal sealed class RldsSource : IEpisodeSource
         var entry = _index[episode];
         if (!withFrames) return entry.Stored;
         // Reads forward in the open shard when possible, which keeps GZIP shards read in order from being decompressed again.
-        if (_open is null || _openShard != entry.Shard || _open.Offset > entry.Offset)
+        if (_open is null || _openShard != entry.Shard || (_open.Offset > entry.Offset && !_open.CanSeekBack))
         {
             _open?.Dispose();
             _open = TfRecordReader.Open(_shards[entry.Shard], _shardCompressed[entry.Shard]);

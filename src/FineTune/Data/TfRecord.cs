@@ -54,6 +54,7 @@ public sealed class TfRecordReader : IDisposable
 
     public string Path { get; }
     public bool Compressed { get; }
+    public bool CanSeekBack => _stream.CanSeek;
     /// <summary>Index of the record the next read returns.</summary>
     public long RecordIndex { get; private set; }
     /// <summary>Byte offset of the next record in the decompressed stream.</summary>
@@ -101,10 +102,13 @@ public sealed class TfRecordReader : IDisposable
         return true;
     }
 
-    /// <summary>Moves forward to the record at <paramref name="offset"/> (from an earlier <see cref="Offset"/>), which must not be behind the reader.</summary>
+    /// <summary>
+    /// Moves to the record at <paramref name="offset"/> (an earlier <see cref="Offset"/>): anywhere in a plain file, only
+    /// forward in a GZIP one (<see cref="CanSeekBack"/>).
+    /// </summary>
     public void SkipTo(long offset, long recordIndex)
     {
-        if (offset < Offset) throw new InvalidOperationException($"{Path}: cannot move back from offset {Offset} to {offset}; reopen the file");
+        if (offset < Offset && !_stream.CanSeek) throw new InvalidOperationException($"{Path}: cannot move back from offset {Offset} to {offset} in a GZIP file; reopen it");
         if (_stream.CanSeek) _stream.Position = offset;
         else SkipBytes(offset - Offset);
         Offset = offset;

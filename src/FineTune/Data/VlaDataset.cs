@@ -49,7 +49,8 @@ public sealed class VlaDataset : IDisposable
 
     /// <param name="config">null: the defaults of the detected layout. Fields the config leaves out take those defaults.</param>
     /// <param name="format">"lerobot", "rlds" or null to detect.</param>
-    public static VlaDataset Open(string path, DatasetConfig? config = null, string? format = null)
+    /// <param name="progress">Progress lines while RLDS shards are indexed (one read of every shard), e.g. for stderr.</param>
+    public static VlaDataset Open(string path, DatasetConfig? config = null, string? format = null, Action<string>? progress = null)
     {
         format ??= DatasetFormats.Detect(path);
         if (format is not (DatasetFormats.LeRobot or DatasetFormats.Rlds))
@@ -57,7 +58,7 @@ public sealed class VlaDataset : IDisposable
         if (!Directory.Exists(path)) throw new DatasetException($"dataset directory not found: {path}");
         var full = (config ?? new DatasetConfig()).WithDefaultsFor(format);
         full.Validate($"dataset config for {path}");
-        IEpisodeSource source = format == DatasetFormats.LeRobot ? new LeRobotSource(path, full) : new RldsSource(path, full);
+        IEpisodeSource source = format == DatasetFormats.LeRobot ? new LeRobotSource(path, full) : new RldsSource(path, full, progress);
         try { return new VlaDataset(path, source, full); }
         catch { source.Dispose(); throw; }
     }

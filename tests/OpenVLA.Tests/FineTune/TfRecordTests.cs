@@ -52,6 +52,15 @@ public class TfRecordTests
         Assert.True(again.TryRead(out var third));
         Assert.Equal(records[2], third);
         Assert.False(again.TryRead(out _));
+
+        // A plain file can go back; a GZIP stream cannot and says so.
+        if (gzip) Assert.Throws<InvalidOperationException>(() => again.SkipTo(0, 0));
+        else
+        {
+            again.SkipTo(0, 0);
+            Assert.True(again.TryRead(out var first));
+            Assert.Equal(records[0], first);
+        }
     }
 
     [Fact]
