@@ -28,6 +28,8 @@ internal sealed partial class LeRobotSource : IEpisodeSource
     public string DefaultName { get; }
     public int EpisodeCount => _episodes.Length;
     public bool RandomAccess => true;
+    /// <summary>Some task in meta/tasks.jsonl is empty, so some episodes may have no language.</summary>
+    public bool HasEmptyTask => _tasks.Values.Any(string.IsNullOrWhiteSpace);
     public int EpisodeLength(int episode) => _episodes[episode].Length;
     public int GroupOf(int episode) => episode;
 

@@ -16,7 +16,12 @@ public sealed record TrainingSample(
     string Instruction,
     float[] Action,
     float[] NormalizedAction,
-    float[] Proprio);
+    float[] Proprio)
+{
+    /// <summary>The stream's cursor just after this sample: save the one of the last sample a finished optimizer step used, so
+    /// samples prefetched but not yet trained on are handed out again after a resume.</summary>
+    public StreamCursor? CursorAfter { get; init; }
+}
 
 /// <summary>How a <see cref="TrainingStream"/> orders and prepares samples.</summary>
 public sealed record StreamOptions
@@ -203,7 +208,10 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         if (remaining == 1) _loaded.Remove(episode);
         else _loaded[episode] = (data, remaining - 1);
         var action = data.Actions[step];
-        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _normalizer.Normalize(action), data.Proprio[step]);
+        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _normalizer.Normalize(action), data.Proprio[step])
+        {
+            CursorAfter = Cursor,
+        };
     }
 
     /// <summary>Reads an episode; with <paramref name="live"/>, keeps only those steps' frames (resume).</summary>

@@ -38,12 +38,16 @@ public sealed class VlaDataset : IDisposable
         Name = config.Name ?? source.DefaultName;
         _mapper = new ActionMapper(config, Name);
         _usable = Enumerable.Range(0, source.EpisodeCount).ToArray();
-        if (config.SkipUnlabeled || source.Format == DatasetFormats.Rlds)
+        // Unlabeled = every step has an empty instruction (reference: skip_unlabeled). Found at open rather than hours into
+        // training: RLDS keeps instructions from its index scan, so checking is free; LeRobot reads its small columns only
+        // when some task is empty or skipping was asked for.
+        if (config.SkipUnlabeled || source.Format == DatasetFormats.Rlds || source is LeRobotSource { HasEmptyTask: true })
         {
-            // RLDS keeps instructions from the index scan, so checking is free; LeRobot reads the small columns only when asked.
-            var labeled = _usable.Where(e => _source.Read(e, withFrames: false).Instructions.Any(s => !string.IsNullOrWhiteSpace(s))).ToArray();
-            if (labeled.Length == 0) throw new DatasetException($"dataset {path} has no language: every episode's instruction is empty");
-            if (config.SkipUnlabeled) _usable = labeled;
+            var unlabeled = _usable.Where(e => _source.Read(e, withFrames: false).Instructions.All(string.IsNullOrWhiteSpace)).ToArray();
+            if (unlabeled.Length == _usable.Length) throw new DatasetException($"dataset {path} has no language: every episode has an empty instruction");
+            if (unlabeled.Length > 0 && !config.SkipUnlabeled)
+                throw new DatasetException($"dataset {path}: {unlabeled.Length} of {_usable.Length} episodes have no language (an empty instruction; first: episode {unlabeled[0]}); set skip_unlabeled to drop them");
+            _usable = _usable.Except(unlabeled).ToArray();
         }
     }
 
@@ -72,7 +76,7 @@ public sealed class VlaDataset : IDisposable
         var actions = new float[steps][];
         for (int t = 0; t < steps; t++) actions[t] = _mapper.Map(raw.Actions[t], episode, t);
         var proprio = raw.Proprio ?? Enumerable.Repeat(Array.Empty<float>(), steps).ToArray();
-        if (!Config.SkipUnlabeled && raw.Instructions.Any(string.IsNullOrWhiteSpace))
+        if (!Config.SkipUnlabeled && raw.Instructions.All(string.IsNullOrWhiteSpace))
             throw new DatasetException($"{Name}: episode {episode} has no language (an empty instruction); set skip_unlabeled to drop such episodes");
         return new Episode(episode, actions, proprio, raw.Instructions, raw.Frames);
     }

@@ -99,11 +99,8 @@ public class RldsReaderTests
         episodes[0] = episodes[0] with { Instructions = ["", ""] };
         RldsWriter.WriteDataset(dir.Path, "set", episodes);
 
-        using (var data = VlaDataset.Open(dir.Path))
-        {
-            var e = Assert.Throws<DatasetException>(() => data.ReadEpisode(0));
-            Assert.Contains("episode 0 has no language", e.Message);
-        }
+        var e = Assert.Throws<DatasetException>(() => VlaDataset.Open(dir.Path));
+        Assert.Equal($"dataset {dir.Path}: 1 of 2 episodes have no language (an empty instruction; first: episode 0); set skip_unlabeled to drop them", e.Message);
         using var skipping = VlaDataset.Open(dir.Path, new DatasetConfig { SkipUnlabeled = true });
         Assert.Equal([1], skipping.UsableEpisodes);
         Assert.Equal(1, skipping.ComputeStatistics().NumTrajectories);

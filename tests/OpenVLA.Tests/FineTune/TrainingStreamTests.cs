@@ -108,6 +108,13 @@ public class TrainingStreamTests
         var first = new TrainingStream(data, data.UsableEpisodes, stats, options);
         for (int i = 0; i < stopAfter; i++) first.Next();
         var cursor = first.Cursor;
+        if (stopAfter > 0)
+        {
+            // A trainer that prefetched: the cursor after the last trained sample, not the stream's current one.
+            var prefetched = first.Next();
+            Assert.NotEqual(cursor, prefetched.CursorAfter);
+            Assert.Equal(first.Cursor, prefetched.CursorAfter);
+        }
         var json = System.Text.Json.JsonSerializer.Serialize(cursor);                   // stored with the training state
         var restored = System.Text.Json.JsonSerializer.Deserialize<StreamCursor>(json)!;
 
