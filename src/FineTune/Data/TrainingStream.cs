@@ -67,6 +67,9 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
     private readonly int _bufferSize;
     private readonly string _fingerprint;
 
+    // Independent random streams derived from the one seed (Rng.For(seed, stream, index)).
+    private const ulong EpisodeOrderStream = 1, BufferPickStream = 2, AugmentationStream = 16;   // + camera
+
     // Epoch plan: episode order, the pull pointer into it, the buffer of (episode, step) references and its generator.
     private int _epoch;
     private long _position;
@@ -136,14 +139,14 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         _nextEpisode = 0;
         _nextStep = 0;
         _buffer.Clear();
-        _pick = Rng.For(_options.Seed, 0xB0FF, (ulong)epoch);
+        _pick = Rng.For(_options.Seed, BufferPickStream, (ulong)epoch);
     }
 
     /// <summary>Shuffled episodes, or shuffled groups of episodes in stored order when the layout must be read in order.</summary>
     private int[] EpochOrder(int epoch)
     {
         if (!_options.Shuffle) return _episodes;
-        var rng = Rng.For(_options.Seed, 0x0DE5, (ulong)epoch);
+        var rng = Rng.For(_options.Seed, EpisodeOrderStream, (ulong)epoch);
         if (_dataset.RandomAccess)
         {
             var order = _episodes.ToArray();
@@ -200,7 +203,7 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
             var frame = data.Frames[c][step] ?? throw new InvalidOperationException($"frame {step} of episode {episode} was already handed out");
             var image = frame.Decode();
             if (_options.ImageSize is { } size) image = (_options.Resizer ?? ImageCodec.Resize)(image, size, size);
-            if (_options.Augmentation is { } aug) image = aug.Apply(image, Rng.For(_options.Seed, 0xA06 + (ulong)c, sampleKey));
+            if (_options.Augmentation is { } aug) image = aug.Apply(image, Rng.For(_options.Seed, AugmentationStream + (ulong)c, sampleKey));
             images[c] = image;
             data.Frames[c][step] = null;
             ResidentFrames--;

@@ -110,6 +110,8 @@ public sealed class VlaDataset : IDisposable
 /// <summary>Episode numbers for training and for held-out evaluation, each ascending.</summary>
 public sealed record DatasetSplit(IReadOnlyList<int> Train, IReadOnlyList<int> HeldOut)
 {
+    private const ulong SplitStream = 3;   // distinct from the stream's random streams, so the split does not follow the order
+
     /// <summary>
     /// Shuffles the episodes with <paramref name="seed"/> and holds out round(fraction·N) of them (at least one when the
     /// fraction is positive and there are two or more episodes).
@@ -119,7 +121,7 @@ public sealed record DatasetSplit(IReadOnlyList<int> Train, IReadOnlyList<int> H
         if (heldOutFraction is < 0 or >= 1 || double.IsNaN(heldOutFraction))
             throw new DatasetException($"held-out fraction must be in [0, 1), got {heldOutFraction}");
         var order = episodes.ToArray();
-        Rng.For(seed, 0x5EED_5917, 0).Shuffle(order);
+        Rng.For(seed, SplitStream, 0).Shuffle(order);
         int held = (int)Math.Round(heldOutFraction * order.Length);
         if (heldOutFraction > 0 && held == 0 && order.Length >= 2) held = 1;
         return new DatasetSplit(order[held..].Order().ToArray(), order[..held].Order().ToArray());

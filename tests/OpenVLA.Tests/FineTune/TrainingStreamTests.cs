@@ -64,7 +64,9 @@ public class TrainingStreamTests
             Resizer = (image, w, h) => { resizes++; return ImageCodec.Resize(image, w, h); },
             Augmentation = ImageAugmentation.OpenVla,
         };
-        var samples = new TrainingStream(data, data.UsableEpisodes, data.ComputeStatistics(), options).Take(4).ToList();
+        var stream = new TrainingStream(data, data.UsableEpisodes, data.ComputeStatistics(), options);
+        var samples = stream.Take(4).ToList();
+        Assert.Equal(4, stream.Cursor.Position);   // LINQ's Take does not draw a fifth sample
         Assert.All(samples, s => Assert.Equal((16, 16), (s.Images[0].Width, s.Images[0].Height)));
         Assert.Equal(4, resizes);
     }
