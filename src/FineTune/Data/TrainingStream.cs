@@ -21,6 +21,9 @@ public sealed record TrainingSample(
     /// <summary>The stream's cursor just after this sample: save the one of the last sample a finished optimizer step used, so
     /// samples prefetched but not yet trained on are handed out again after a resume.</summary>
     public StreamCursor? CursorAfter { get; init; }
+
+    /// <summary>The policy's input for this sample (held-out evaluation through <see cref="IActionPolicy"/>), un-normalized with this dataset's key.</summary>
+    public VlaObservation ToObservation() => new(Images, Instruction, DatasetName);
 }
 
 /// <summary>How a <see cref="TrainingStream"/> orders and prepares samples.</summary>

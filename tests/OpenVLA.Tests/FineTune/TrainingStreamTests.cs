@@ -48,6 +48,7 @@ public class TrainingStreamTests
             Assert.Equal(normalizer.Normalize(s.Action), s.NormalizedAction);
             Assert.All(s.NormalizedAction, v => Assert.InRange(v, -1f, 1f));
             Assert.Equal(data.Name, s.DatasetName);
+            Assert.Equal((s.Instruction, data.Name), (s.ToObservation().Instruction, s.ToObservation().UnnormKey));
         }
     }
 
