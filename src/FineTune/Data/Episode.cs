@@ -17,9 +17,6 @@ public sealed class Frame
     public static Frame FromEncoded(byte[] bytes) => new(bytes, null);
     public static Frame FromPixels(RgbImage image) => new(null, image);
 
-    /// <summary>Bytes this frame holds in memory.</summary>
-    public long ResidentBytes => _encoded?.LongLength ?? _decoded!.Pixels.LongLength;
-
     public RgbImage Decode() => _decoded ?? ImageCodec.Decode(_encoded!);
 }
 
@@ -65,7 +62,7 @@ public static class ImageCodec
         return bytes;
     }
 
-    internal static Mat ToBgr(RgbImage image)
+    private static Mat ToBgr(RgbImage image)
     {
         using var rgb = Mat.FromPixelData(image.Height, image.Width, MatType.CV_8UC3, image.Pixels);
         var bgr = new Mat();
