@@ -132,6 +132,24 @@ public class LeRobotReaderTests
     }
 
     [Fact]
+    public void Reads_a_parquet_file_written_by_arrow()
+    {
+        // Written by arrow-rs (Fixtures/make_arrow_lerobot.mjs), the way pyarrow / Hugging Face datasets lay files out.
+        using var data = VlaDataset.Open(Path.Combine(AppContext.BaseDirectory, "FineTune", "Fixtures", "arrow_lerobot"));
+        Assert.Equal(4, data.StepCount);
+        var ep = data.ReadEpisode(0);
+        for (int t = 0; t < 4; t++)
+        {
+            Assert.Equal([0.1f * t, 0, 0, 0, 0, 0.2f, t % 2], ep.Actions[t]);
+            Assert.Equal([t, 0.5f * t], ep.Proprio[t]);
+            Assert.Equal("Pick the cube", ep.Instructions[t]);
+            var frame = ep.Frames![0][t]!.Decode();
+            Assert.Equal((6, 4), (frame.Width, frame.Height));
+            Assert.Equal(Enumerable.Range(0, 72).Select(i => (byte)(50 * t + i)), frame.Pixels);
+        }
+    }
+
+    [Fact]
     public void A_row_count_that_disagrees_with_episodes_jsonl_is_reported()
     {
         using var dir = new TempDir();
