@@ -50,6 +50,25 @@ public class RldsReaderTests
     }
 
     [Fact]
+    public void Reads_a_shard_written_by_another_tfrecord_implementation()
+    {
+        // Framed and encoded by @roboflow/tfrecords + google-protobuf (Fixtures/make_js_rlds.cjs): the same episode twice,
+        // LIBERO's gripper convention (-1 open, +1 close).
+        string dir = Path.Combine(AppContext.BaseDirectory, "FineTune", "Fixtures", "js_rlds");
+        Assert.Equal(2, TfRecordReader.ReadAll(Directory.GetFiles(dir).Single()).Count());
+        var config = new DatasetConfig { Name = "libero_like", Gripper = new GripperConvention { Clip = true, Invert = true } };
+        using var data = VlaDataset.Open(dir, config);
+        Assert.Equal(2, data.EpisodeCount);
+        var ep = data.ReadEpisode(1);
+        for (int t = 0; t < 4; t++)
+        {
+            Assert.Equal([0.5f * t, 0, 0, 0, 0, 0.25f, t % 2 == 0 ? 1f : 0f], ep.Actions[t]);
+            Assert.Equal("open the top drawer", ep.Instructions[t]);
+            Assert.Equal(Enumerable.Range(0, 72).Select(i => (byte)(50 * t + i)), ep.Frames![0][t]!.Decode().Pixels);
+        }
+    }
+
+    [Fact]
     public void Libero_style_gripper_is_clipped_and_inverted_to_one_open_zero_closed()
     {
         using var dir = new TempDir();
