@@ -8,5 +8,6 @@ internal static class Verbs
     public static IEnumerable<Command> All() =>
         PolicyVerbs.Create()
             .Concat(QuantizationVerbs.Create())
-            .Concat(BenchVerbs.Create());
+            .Concat(BenchVerbs.Create())
+            .Concat(DataVerbs.Create());
 }
