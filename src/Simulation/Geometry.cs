@@ -21,6 +21,8 @@ public readonly record struct Quat(double W, double X, double Y, double Z)
         a.W * b.Y - a.X * b.Z + a.Y * b.W + a.Z * b.X,
         a.W * b.Z + a.X * b.Y - a.Y * b.X + a.Z * b.W);
 
+    public Quat Conjugate => new(W, -X, -Y, -Z);
+
     public Quat Normalized()
     {
         double n = Math.Sqrt(W * W + X * X + Y * Y + Z * Z);

@@ -167,7 +167,7 @@ public sealed class ScriptedExpert
         var toTarget = new Vec3(target.X - cube.X, target.Y - cube.Y, 0);
         double remaining = toTarget.Length;
         var dir = remaining > 1e-6 ? toTarget * (1 / remaining) : new Vec3(1, 0, 0);
-        const double Contact = Half + 0.013, PushZ = 0.02;
+        const double Contact = Half + 0.013, PushZ = 0.012;
         var behind = new Vec3(cube.X - dir.X * (Contact + 0.02), cube.Y - dir.Y * (Contact + 0.02), PushZ);
         _phaseSteps++;
         switch (_phase)
@@ -189,7 +189,7 @@ public sealed class ScriptedExpert
                 double along = rel.X * dir.X + rel.Y * dir.Y;
                 double lateral = Math.Abs(rel.X * dir.Y - rel.Y * dir.X);
                 if (lateral > 0.014 || along > -Half) { Enter(Phase.PushApproach); return (tcp with { Z = 0.09 }, 0); }
-                double advance = Math.Min(0.012, remaining);
+                double advance = Math.Min(0.01, remaining);
                 var goal = new Vec3(cube.X - dir.X * (Contact - advance), cube.Y - dir.Y * (Contact - advance), PushZ);
                 return (goal, 0);
             }

@@ -17,7 +17,10 @@ public sealed class TabletopEnv : IDisposable
 {
     public const int ControlHz = 10;
     public const double MaxTranslation = 0.03, MaxRotation = 0.25;
-    /// <summary>Proprioceptive state: tcp x, y, z, hand roll, pitch, yaw, left and right finger opening (8 floats).</summary>
+    /// <summary>
+    /// Proprioceptive state: tcp x, y, z; hand roll, pitch, yaw relative to the start orientation (fingers down), so the
+    /// angles sit near 0 instead of wrapping at ±π; left and right finger opening (8 floats).
+    /// </summary>
     public static readonly string[] StateNames = ["x", "y", "z", "roll", "pitch", "yaw", "finger_left", "finger_right"];
     public static readonly string[] ActionNames = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"];
 
@@ -30,6 +33,7 @@ public sealed class TabletopEnv : IDisposable
     private readonly int _fingerLeftQpos, _fingerRightQpos;
     private readonly Dictionary<string, int> _cubeBody = new(), _cubeQpos = new(), _targetMocap = new();
     private readonly int _substeps;
+    private Quat _startOrientation = Quat.Identity;
 
     public int ImageSize { get; }
     public int StepCount { get; private set; }
@@ -84,7 +88,8 @@ public sealed class TabletopEnv : IDisposable
         SetMocap(_plateMocap, new Vec3(layout.Plate.X, layout.Plate.Y, TabletopScene.PlateHalfHeight));
         foreach (var (colour, (x, y)) in layout.Targets) SetMocap(_targetMocap[colour], new Vec3(x, y, 0.0005));
         _data.Forward();
-        SetMocap(_handMocap, _data.BodyPosition(_handBody), _data.BodyQuaternion(_handBody));
+        _startOrientation = _data.BodyQuaternion(_handBody);
+        SetMocap(_handMocap, _data.BodyPosition(_handBody), _startOrientation);
         StepCount = 0;
         GripperCommand = 1;
         var noop = new float[] { 0, 0, 0, 0, 0, 0, 1 };
@@ -154,7 +159,7 @@ public sealed class TabletopEnv : IDisposable
     public float[] State()
     {
         var p = Tcp;
-        var e = HandOrientation.ToEuler();
+        var e = (_startOrientation.Conjugate * HandOrientation).ToEuler();
         return [(float)p.X, (float)p.Y, (float)p.Z, (float)e.X, (float)e.Y, (float)e.Z, (float)FingerLeft, (float)FingerRight];
     }
 

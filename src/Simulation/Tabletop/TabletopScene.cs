@@ -64,7 +64,7 @@ public static class TabletopScene
                 <map znear="0.02"/>
               </visual>
               <default>
-                <geom solref="0.005 1" solimp="0.95 0.99 0.001"/>
+                <geom solref="0.01 1" solimp="0.95 0.99 0.001"/>
                 <default class="link">
                   <geom type="capsule" contype="0" conaffinity="0" rgba="0.92 0.92 0.92 1" mass="0.15"/>
                   <joint damping="3" armature="0.05"/>

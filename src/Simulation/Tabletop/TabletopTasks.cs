@@ -21,6 +21,12 @@ public sealed class TabletopTask
     /// <summary>Instruction templates: {cube}, {other}, {direction} are filled from <see cref="TaskArgs"/>.</summary>
     public required string[] Phrasings { get; init; }
     public required Func<Random, TaskArgs> DrawArgs { get; init; }
+    /// <summary>Every argument combination, for the instruction catalogue.</summary>
+    public required Func<IEnumerable<TaskArgs>> AllArgs { get; init; }
+
+    /// <summary>Every instruction this task can give, in a fixed order.</summary>
+    public IEnumerable<string> AllInstructions() =>
+        AllArgs().SelectMany(a => Enumerable.Range(0, Phrasings.Length).Select(p => Instruction(a, p)));
     /// <summary>Extra layout requirement of the task (free path, free destination), checked while sampling.</summary>
     public Func<SceneLayout, TaskArgs, bool> LayoutOk { get; init; } = (_, _) => true;
     /// <summary>Success predicate on simulator state; <paramref name="start"/> holds the cube positions after settling.</summary>
@@ -64,6 +70,7 @@ public static class TabletopTasks
             Id = "pick_up", Description = "lift a cube 8 cm off the table and hold it", MaxSteps = 80,
             Phrasings = ["pick up the {cube} cube", "lift the {cube} cube", "grab the {cube} cube and lift it up", "raise the {cube} cube off the table"],
             DrawArgs = rng => new TaskArgs(Pick(rng, TabletopScene.CubeColours)),
+            AllArgs = () => TabletopScene.CubeColours.Select(c => new TaskArgs(c)),
             IsSuccess = (env, a, _) =>
             {
                 var c = env.CubePosition(a.Cube);
@@ -75,6 +82,7 @@ public static class TabletopTasks
             Id = "place_on_plate", Description = "put a cube on the plate and let go", MaxSteps = 120,
             Phrasings = ["put the {cube} cube on the plate", "place the {cube} cube onto the plate", "move the {cube} cube onto the white plate", "pick up the {cube} cube and set it on the plate"],
             DrawArgs = rng => new TaskArgs(Pick(rng, TabletopScene.CubeColours)),
+            AllArgs = () => TabletopScene.CubeColours.Select(c => new TaskArgs(c)),
             IsSuccess = (env, a, _) =>
             {
                 var c = env.CubePosition(a.Cube);
@@ -92,6 +100,7 @@ public static class TabletopTasks
                 var pair = TabletopScene.CubeColours.OrderBy(_ => rng.Next()).Take(2).ToArray();
                 return new TaskArgs(pair[0], pair[1]);
             },
+            AllArgs = () => from a in TabletopScene.CubeColours from b in TabletopScene.CubeColours where a != b select new TaskArgs(a, b),
             IsSuccess = (env, a, _) =>
             {
                 var c = env.CubePosition(a.Cube);
@@ -104,6 +113,7 @@ public static class TabletopTasks
             Id = "push_to_target", Description = "push a cube along the table onto a flat coloured target", MaxSteps = 120,
             Phrasings = ["push the {cube} cube onto the {other} target", "slide the {cube} cube to the {other} target", "push the {cube} cube to the {other} circle"],
             DrawArgs = rng => new TaskArgs(Pick(rng, TabletopScene.CubeColours), Pick(rng, TabletopScene.TargetColours)),
+            AllArgs = () => from c in TabletopScene.CubeColours from t in TabletopScene.TargetColours select new TaskArgs(c, t),
             LayoutOk = (layout, a) =>
             {
                 var (cx, cy, _) = layout.Cubes[a.Cube];
@@ -128,6 +138,7 @@ public static class TabletopTasks
             Id = "move_side", Description = "move a cube 12+ cm to the left or right (as seen from the camera) and let go", MaxSteps = 100,
             Phrasings = ["move the {cube} cube to the {direction}", "put the {cube} cube further to the {direction}", "shift the {cube} cube {direction}wards"],
             DrawArgs = rng => new TaskArgs(Pick(rng, TabletopScene.CubeColours), Direction: rng.Next(2) == 0 ? "left" : "right"),
+            AllArgs = () => from c in TabletopScene.CubeColours from d in new[] { "left", "right" } select new TaskArgs(c, Direction: d),
             LayoutOk = (layout, a) =>
             {
                 var (cx, cy, _) = layout.Cubes[a.Cube];
@@ -148,6 +159,10 @@ public static class TabletopTasks
     ];
 
     public static IReadOnlyList<string> Ids => All.Select(t => t.Id).ToArray();
+
+    /// <summary>All instructions of the given tasks, in a fixed order: the LeRobot task list (task_index = position).</summary>
+    public static IReadOnlyList<string> InstructionCatalogue(IEnumerable<TabletopTask> tasks) =>
+        tasks.SelectMany(t => t.AllInstructions()).Distinct().ToArray();
 
     public static TabletopTask Get(string id) =>
         All.FirstOrDefault(t => t.Id == id) ?? throw new ArgumentException($"unknown tabletop task '{id}' (known: {string.Join(", ", Ids)})");
