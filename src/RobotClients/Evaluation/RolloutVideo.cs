@@ -1,0 +1,34 @@
+using OpenCvSharp;
+
+namespace OpenVLA.RobotClients.Evaluation;
+
+/// <summary>Writes rollout frames as an MP4 (OpenCV's FFmpeg back end, MPEG-4 Part 2 'mp4v').</summary>
+public static class RolloutVideo
+{
+    /// <returns>The written file, or a PNG-frames folder when this OpenCV build cannot encode video.</returns>
+    public static string Write(string path, IReadOnlyList<byte[]> rgbFrames, int size, int fps)
+    {
+        Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+        using (var writer = new VideoWriter(path, FourCC.MP4V, fps, new Size(size, size)))
+        {
+            if (writer.IsOpened())
+            {
+                using var bgr = new Mat(size, size, MatType.CV_8UC3);
+                foreach (var frame in rgbFrames)
+                {
+                    using var rgb = Mat.FromPixelData(size, size, MatType.CV_8UC3, frame);
+                    Cv2.CvtColor(rgb, bgr, ColorConversionCodes.RGB2BGR);
+                    writer.Write(bgr);
+                }
+                writer.Release();
+                if (new FileInfo(path).Length > 0) return path;
+            }
+        }
+        // Fallback: PNG frames, so a rollout is never lost silently.
+        string dir = Path.ChangeExtension(path, null) + "_frames";
+        Directory.CreateDirectory(dir);
+        for (int i = 0; i < rgbFrames.Count; i++)
+            File.WriteAllBytes(Path.Combine(dir, $"{i:0000}.png"), OpenVLA.Simulation.Datasets.Png.EncodeRgb(rgbFrames[i], size, size));
+        return dir;
+    }
+}
