@@ -68,7 +68,9 @@ public sealed class PolicyUnavailableException(string message) : Exception(messa
 
 /// <summary>
 /// Parses <c>scripted</c> | <c>checkpoint:DIR</c> | <c>grpc://HOST:PORT</c> and builds the policy. The checkpoint and gRPC
-/// backends live in other projects; the CLI registers them through <see cref="CheckpointFactory"/> and <see cref="GrpcFactory"/>.
+/// backends live in other projects; the CLI registers them through <see cref="CheckpointFactory"/> and <see cref="GrpcFactory"/>
+/// at start-up, before any verb runs — eval worker processes are the same CLI (hidden sim-worker verb), so each worker
+/// builds its own policy from the same registration. Until then both are null and eval exits with code 2.
 /// </summary>
 public static class RolloutPolicies
 {
