@@ -73,7 +73,8 @@ public static class Evaluator
         {
             var pixels = env.Render();
             frames?.Add(pixels);
-            var observation = new RolloutObservation(RgbImage.Create(env.ImageSize, env.ImageSize, pixels), episode.Instruction, env.State(), privileged);
+            var wrist = policy.WantsWristImage ? RgbImage.Create(env.ImageSize, env.ImageSize, env.Render(wrist: true)) : null;
+            var observation = new RolloutObservation(RgbImage.Create(env.ImageSize, env.ImageSize, pixels), episode.Instruction, env.State(), privileged, wrist);
             long t0 = Stopwatch.GetTimestamp();
             var action = policy.Act(observation);
             latencies.Add(Stopwatch.GetElapsedTime(t0).TotalMilliseconds);

@@ -5,8 +5,9 @@ using OpenVLA.Simulation.Tabletop;
 namespace OpenVLA.RobotClients.Evaluation;
 
 /// <summary>What a policy gets each control step: the camera frame(s) at the policy resolution, the instruction and the
-/// proprioceptive state; <see cref="Privileged"/> is the simulator itself, for scripted policies only.</summary>
-public sealed record RolloutObservation(RgbImage Image, string Instruction, float[] State, PrivilegedState? Privileged = null);
+/// proprioceptive state; <see cref="Privileged"/> is the simulator itself, for scripted policies only.
+/// <see cref="WristImage"/> is rendered only for policies that take a second camera.</summary>
+public sealed record RolloutObservation(RgbImage Image, string Instruction, float[] State, PrivilegedState? Privileged = null, RgbImage? WristImage = null);
 
 /// <summary>Simulator access for scripted policies (never given to a learned policy).</summary>
 public sealed record PrivilegedState(TabletopEnv Env, EpisodeSpec Episode);
@@ -18,6 +19,8 @@ public sealed record PrivilegedState(TabletopEnv Env, EpisodeSpec Episode);
 public interface IRolloutPolicy : IDisposable
 {
     string Name { get; }
+    /// <summary>Whether the policy takes the wrist camera as a second image (then it is rendered every step too).</summary>
+    bool WantsWristImage { get; }
     /// <summary>Called before the first step of every episode (resets any per-episode state).</summary>
     void BeginEpisode(EpisodeSpec episode);
     float[] Act(RolloutObservation observation);
@@ -28,6 +31,7 @@ public sealed class ScriptedRolloutPolicy : IRolloutPolicy
 {
     private ScriptedExpert? _expert;
     public string Name => "scripted";
+    public bool WantsWristImage => false;
     public void BeginEpisode(EpisodeSpec episode) => _expert = new ScriptedExpert(episode);
 
     public float[] Act(RolloutObservation observation)
@@ -40,18 +44,23 @@ public sealed class ScriptedRolloutPolicy : IRolloutPolicy
 }
 
 /// <summary>
-/// Wraps any <see cref="IActionPolicy"/>: one image (the third-person camera), the instruction and the unnorm key in;
+/// Wraps any <see cref="IActionPolicy"/>: the third-person camera (plus the wrist camera when the policy takes two images),
+/// the instruction and the unnorm key in;
 /// the un-normalized 7-D action out. Our simulator uses OpenVLA's gripper convention (1 open, 0 closed), so no LIBERO-style
 /// gripper inversion is applied.
 /// </summary>
 public sealed class ActionPolicyRolloutPolicy(IActionPolicy policy, string name, string? unnormKey = null, bool ownsPolicy = true) : IRolloutPolicy
 {
     public string Name => name;
+    public bool WantsWristImage { get; } = policy.Description.ImagesPerObservation >= 2;
     public void BeginEpisode(EpisodeSpec episode) { }
 
     public float[] Act(RolloutObservation observation)
     {
-        var prediction = policy.PredictBatch([new VlaObservation([observation.Image], observation.Instruction, unnormKey)])[0];
+        RgbImage[] images = WantsWristImage
+            ? [observation.Image, observation.WristImage ?? throw new InvalidOperationException("the wrist image was not rendered")]
+            : [observation.Image];
+        var prediction = policy.PredictBatch([new VlaObservation(images, observation.Instruction, unnormKey)])[0];
         if (prediction.Action.Length != 7)
             throw new PolicyInputException($"policy {name} returned {prediction.Action.Length} action values; the tabletop suite needs 7");
         return prediction.Action;

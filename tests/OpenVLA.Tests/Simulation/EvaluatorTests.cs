@@ -16,10 +16,10 @@ public sealed class EvaluatorTests : IDisposable
     }
 
     /// <summary>A learned-policy stand-in that records what it was shown and always answers the same action.</summary>
-    private sealed class ConstantPolicy(float[] action) : IActionPolicy
+    private sealed class ConstantPolicy(float[] action, int images = 1) : IActionPolicy
     {
         public List<VlaObservation> Seen { get; } = [];
-        public PolicyDescription Description => new("constant", "test", 7, 32, 1, "resize", "f32", "none", new Dictionary<string, ActionStats>());
+        public PolicyDescription Description => new("constant", "test", 7, 32, images, "resize", "f32", "none", new Dictionary<string, ActionStats>());
 
         public IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
         {
@@ -83,6 +83,20 @@ public sealed class EvaluatorTests : IDisposable
         Assert.All(policy.Seen, o => Assert.Equal(result.Instruction, o.Instruction));
         Assert.Equal((32, 32), (policy.Seen[0].Images[0].Width, policy.Seen[0].Images[0].Height));
         Assert.Single(policy.Seen[0].Images);
+    }
+
+    [Fact]
+    public void A_two_camera_policy_also_gets_the_wrist_view()
+    {
+        var policy = new ConstantPolicy([0, 0, -0.01f, 0, 0, 0, 1], images: 2);
+        using var rollout = new ActionPolicyRolloutPolicy(policy, "two-camera");
+        using var env = new TabletopEnv(32);
+        var result = Evaluator.RunEpisode(new EvalJob("pick_up", 0, 1, "two-camera", 32, 0, null), env, rollout);
+        Assert.All(policy.Seen, o => Assert.Equal(2, o.Images.Count));
+        Assert.NotEqual(policy.Seen[0].Images[0].Pixels, policy.Seen[0].Images[1].Pixels);
+        // Moving down 1 cm per step, the wrist view changes while the fixed camera mostly does not.
+        Assert.NotEqual(policy.Seen[0].Images[1].Pixels, policy.Seen[^1].Images[1].Pixels);
+        Assert.False(result.Success);
     }
 
     [Fact]
