@@ -87,6 +87,7 @@ public static class Evaluator
         {
             frames.Add(env.Render());
             video = RolloutVideo.Write(job.VideoPath!, frames, env.ImageSize, TabletopEnv.ControlHz);
+            RolloutVideo.WriteFilmstrip(Path.ChangeExtension(job.VideoPath!, ".png"), frames, env.ImageSize);
         }
         return new EvalEpisode(job.TaskId, job.Trial, job.Seed, episode.Instruction, success, steps, latencies.ToArray(), video);
     }

@@ -5,6 +5,20 @@ namespace OpenVLA.RobotClients.Evaluation;
 /// <summary>Writes rollout frames as an MP4 (OpenCV's FFmpeg back end, MPEG-4 Part 2 'mp4v').</summary>
 public static class RolloutVideo
 {
+    /// <summary>Writes <paramref name="count"/> evenly spaced frames side by side as one PNG: a rollout at a glance.</summary>
+    public static void WriteFilmstrip(string path, IReadOnlyList<byte[]> rgbFrames, int size, int count = 6)
+    {
+        count = Math.Min(count, rgbFrames.Count);
+        var strip = new byte[size * size * count * 3];
+        int rowBytes = size * 3, stripRow = rowBytes * count;
+        for (int k = 0; k < count; k++)
+        {
+            var frame = rgbFrames[count == 1 ? 0 : k * (rgbFrames.Count - 1) / (count - 1)];
+            for (int y = 0; y < size; y++) frame.AsSpan(y * rowBytes, rowBytes).CopyTo(strip.AsSpan(y * stripRow + k * rowBytes));
+        }
+        File.WriteAllBytes(path, OpenVLA.Simulation.Datasets.Png.EncodeRgb(strip, size * count, size, System.IO.Compression.CompressionLevel.Optimal));
+    }
+
     /// <returns>The written file, or a PNG-frames folder when this OpenCV build cannot encode video.</returns>
     public static string Write(string path, IReadOnlyList<byte[]> rgbFrames, int size, int fps)
     {

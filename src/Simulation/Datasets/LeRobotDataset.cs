@@ -223,7 +223,7 @@ public static class LeRobotFiles
                 o[k] = new JsonObject
                 {
                     ["min"] = Values(s.Min), ["max"] = Values(s.Max), ["mean"] = Values(s.Mean), ["std"] = Values(s.Std),
-                    ["count"] = new JsonArray(image ? s.Count / 1 / (_imageSize * _imageSize) : s.Count),
+                    ["count"] = new JsonArray(image ? s.Count / ((long)_imageSize * _imageSize) : s.Count), // images: frames, not pixels
                 };
             }
             return o;

@@ -33,8 +33,8 @@ public static class TabletopScene
         ["orange"] = "1.0 0.5 0.0 1",
     };
 
-    /// <summary>The arm's joint angles at the start of every episode (hand above the table centre, fingers pointing down).</summary>
-    public static readonly double[] HomeJoints = [0, -0.3, 0, -2.2, 0, 1.9, Math.PI / 4];
+    /// <summary>The arm's joint angles at the start of every episode: fingertips 26 cm above the table at x = 0.45, pointing down, in view of the camera.</summary>
+    public static readonly double[] HomeJoints = [0, -0.2042, 0, -2.4834, 0, 2.2791, Math.PI / 4];
 
     /// <summary>MJCF text; the offscreen buffer equals the largest image we render, so no pixels are wasted.</summary>
     public static string Build(int imageSize)

@@ -54,6 +54,7 @@ public sealed class EvaluatorTests : IDisposable
 
         // One MP4 per task (the first trial), holding every control step plus the final frame.
         var recorded = first.Episodes.Where(e => e.Video is not null).ToList();
+        Assert.All(recorded, e => Assert.True(File.Exists(Path.ChangeExtension(e.Video!, ".png")), "a filmstrip PNG sits next to each MP4"));
         Assert.Equal(["pick_up", "push_to_target"], recorded.Select(e => e.TaskId));
         foreach (var e in recorded)
         {

@@ -83,6 +83,8 @@ public sealed class LeRobotDatasetTests : IDisposable
         var lerobot = JsonNode.Parse(File.ReadAllText(Path.Combine(_dir, "meta", "stats.json")))!;
         Assert.Equal(allActions.Count, (long)lerobot["action"]!["count"]![0]!);
         Assert.Equal(3, lerobot["observation.images.image"]!["mean"]!.AsArray().Count);
+        Assert.Equal(allActions.Count, (long)lerobot["observation.images.image"]!["count"]![0]!); // frames, not pixels
+        Assert.InRange((double)lerobot["observation.images.image"]!["mean"]![0]![0]![0]!, 0.2, 0.95); // red channel, scaled to [0, 1]
         Assert.Equal(2, File.ReadAllLines(Path.Combine(_dir, "meta", "episodes_stats.jsonl")).Length);
     }
 
