@@ -110,9 +110,9 @@ public static class Evaluator
             if (Environment.GetEnvironmentVariable("OPENVLA_SIM_TEST_CRASH") is { } crash && crash == $"{job.TaskId}/{job.Trial}"
                 && !File.Exists(CrashMarker(job)))
             {
-                // Fault injection for the crash-recovery test: die once, mid-job, the way a native crash would.
+                // Fault injection for the crash-recovery test: die once, mid-job, through MuJoCo's own fatal-error path.
                 File.WriteAllText(CrashMarker(job), "crashed once");
-                Environment.FailFast("test crash requested by OPENVLA_SIM_TEST_CRASH");
+                OpenVLA.Simulation.MuJoCo.MjRuntime.RaiseFatalErrorForTest("test crash requested by OPENVLA_SIM_TEST_CRASH");
             }
             return RunEpisode(job, env, policy);
         });

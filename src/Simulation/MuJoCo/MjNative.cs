@@ -25,6 +25,8 @@ internal static unsafe partial class MjNative
     [LibraryImport(Lib, StringMarshalling = StringMarshalling.Utf8)]
     public static partial int mj_name2id(IntPtr m, int type, string name);
 
+    [LibraryImport(Lib, StringMarshalling = StringMarshalling.Utf8)] public static partial void mju_error(string message);
+
     [LibraryImport(Lib)] public static partial void mjv_defaultScene(IntPtr scn);
     [LibraryImport(Lib)] public static partial void mjv_makeScene(IntPtr m, IntPtr scn, int maxgeom);
     [LibraryImport(Lib)] public static partial void mjv_freeScene(IntPtr scn);

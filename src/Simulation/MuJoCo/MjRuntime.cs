@@ -47,6 +47,14 @@ public static unsafe class MjRuntime
         }
     }
 
+    /// <summary>Raises a MuJoCo fatal error through the library itself (what a corrupt model or exhausted stack does):
+    /// used to check, in a throw-away worker process, that the process ends at once with the message.</summary>
+    public static void RaiseFatalErrorForTest(string message)
+    {
+        EnsureInitialized();
+        MjNative.mju_error(message);
+    }
+
     [UnmanagedCallersOnly(CallConvs = [typeof(CallConvCdecl)])]
     private static void OnError(byte* message)
     {

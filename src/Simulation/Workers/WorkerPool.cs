@@ -104,7 +104,7 @@ public sealed class WorkerPool
             _process.ErrorDataReceived += (_, e) =>
             {
                 if (e.Data is null) return;
-                lock (_stderr) { _stderr.Enqueue(e.Data); if (_stderr.Count > 20) _stderr.Dequeue(); }
+                lock (_stderr) { _stderr.Enqueue(e.Data); if (_stderr.Count > 200) _stderr.Dequeue(); }
             };
             _process.BeginErrorReadLine();
         }
@@ -127,9 +127,15 @@ public sealed class WorkerPool
             return _process.HasExited ? _process.ExitCode : null;
         }
 
+        /// <summary>What the worker said last; our own "openvla:" lines first, since a crash ends with a long stack trace.</summary>
         public string StderrTail()
         {
-            lock (_stderr) return string.Join(" | ", _stderr.Where(l => !string.IsNullOrWhiteSpace(l)).TakeLast(4));
+            lock (_stderr)
+            {
+                var lines = _stderr.Where(l => !string.IsNullOrWhiteSpace(l)).Select(l => l.Trim()).ToList();
+                var ours = lines.Where(l => l.StartsWith("openvla:", StringComparison.Ordinal)).TakeLast(3).ToList();
+                return string.Join(" | ", ours.Count > 0 ? ours : lines.TakeLast(4));
+            }
         }
 
         public void Dispose()

@@ -136,6 +136,8 @@ public sealed class EvaluatorTests : IDisposable
             var report = Evaluator.Run(options, ["dotnet", cli, "sim-worker", "--kind", "eval"]);
             var crash = Assert.Single(report.WorkerCrashes);
             Assert.NotEqual(0, crash.ExitCode);
+            // MuJoCo's fatal error reached our handler, which reported it and ended the worker (no prompt, no carrying on).
+            Assert.Contains("MuJoCo fatal error: test crash requested", crash.StderrTail);
             Assert.Equal([0, 1, 2], report.Episodes.Select(e => e.Trial));
             Assert.Equal(1.0, report.Overall.Value);
             Assert.Contains("worker crash", report.ToMarkdown());
