@@ -22,10 +22,13 @@ public sealed class WorkerPool
     private readonly string _fileName;
     private readonly IReadOnlyList<string> _arguments;
     private readonly int _workers;
+    private readonly TimeSpan _jobTimeout;
 
     /// <param name="command">The worker command line, e.g. <c>dotnet openvla.dll sim-worker --kind eval</c>.</param>
-    public WorkerPool(IReadOnlyList<string> command, int workers)
+    /// <param name="jobTimeout">A worker silent for longer than this on one job is killed and counted as crashed.</param>
+    public WorkerPool(IReadOnlyList<string> command, int workers, TimeSpan? jobTimeout = null)
     {
+        _jobTimeout = jobTimeout ?? TimeSpan.FromMinutes(10);
         if (workers < 1) throw new ArgumentOutOfRangeException(nameof(workers));
         _fileName = command[0];
         _arguments = command.Skip(1).ToArray();
@@ -51,7 +54,7 @@ public sealed class WorkerPool
                     if (!queue.TryDequeue(out var item)) { Thread.Sleep(20); continue; }
                     worker ??= new WorkerProcess(_fileName, _arguments);
                     string jobJson = JsonSerializer.Serialize(jobs[item.Index], WorkerJson.Options);
-                    string? line = worker.Call(jobJson);
+                    string? line = worker.Call(jobJson, _jobTimeout);
                     if (line is null)
                     {
                         var crash = new WorkerCrash(w, jobJson.Length > 300 ? jobJson[..300] + "..." : jobJson, worker.ExitCode(), worker.StderrTail());
@@ -109,16 +112,21 @@ public sealed class WorkerPool
             _process.BeginErrorReadLine();
         }
 
-        /// <summary>Sends a job and waits for its reply line; null when the worker died.</summary>
-        public string? Call(string job)
+        /// <summary>Sends a job and waits for its reply line; null when the worker died or hung past the timeout (then it is killed).</summary>
+        public string? Call(string job, TimeSpan timeout)
         {
             try
             {
                 _process.StandardInput.WriteLine(job);
                 _process.StandardInput.Flush();
-                return _process.StandardOutput.ReadLine();
+                var reply = _process.StandardOutput.ReadLineAsync();
+                if (reply.Wait(timeout)) return reply.Result;
+                lock (_stderr) _stderr.Enqueue($"openvla: worker killed after {timeout.TotalSeconds:F0} s without an answer");
+                try { _process.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }
+                return null;
             }
             catch (IOException) { return null; }
+            catch (AggregateException e) when (e.InnerException is IOException) { return null; }
         }
 
         public int? ExitCode()
