@@ -159,7 +159,8 @@ public sealed class TabletopEnv : IDisposable
     public float[] State()
     {
         var p = Tcp;
-        var e = (_startOrientation.Conjugate * HandOrientation).ToEuler();
+        // World-frame rotation since the start (q = R·q_start), so the angles move the same way as droll/dpitch/dyaw.
+        var e = (HandOrientation * _startOrientation.Conjugate).ToEuler();
         return [(float)p.X, (float)p.Y, (float)p.Z, (float)e.X, (float)e.Y, (float)e.Z, (float)FingerLeft, (float)FingerRight];
     }
 

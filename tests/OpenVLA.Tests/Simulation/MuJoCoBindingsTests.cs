@@ -109,6 +109,12 @@ public sealed class MuJoCoBindingsTests
         env.Step([0.5f, 0, 0, 0, 0, 0, 1]);
         env.Step([0, 0, 0, 0, 0, 0, 1]);
         Assert.InRange(env.Tcp.X - before.X, 0.025, 0.035);
+        // Rotation deltas turn the hand about world axes; the state reports the turn with the same sign.
+        Assert.Equal(0, env.State()[5], 3);
+        for (int i = 0; i < 4; i++) env.Step([0, 0, 0, 0, 0, 0.1f, 1]);
+        for (int i = 0; i < 3; i++) env.Step([0, 0, 0, 0, 0, 0, 1]);
+        Assert.Equal(0.4, env.State()[5], 2);
+        Assert.Equal(0, env.State()[3], 2);
         // Closing the gripper on nothing brings the fingers together.
         for (int i = 0; i < 5; i++) env.Step([0, 0, 0, 0, 0, 0, 0]);
         Assert.True(env.GripperWidth < 0.005, $"closed width {env.GripperWidth}");
