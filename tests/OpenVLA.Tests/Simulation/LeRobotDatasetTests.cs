@@ -89,6 +89,21 @@ public sealed class LeRobotDatasetTests : IDisposable
     }
 
     [Fact]
+    public void The_wrist_camera_is_an_optional_second_image_column()
+    {
+        DemoSuite.Generate(new DemoOptions(TabletopTasks.Parse("pick_up"), 1, _dir, ImageSize: 32, Wrist: true), workerCommand: null);
+        var info = JsonNode.Parse(File.ReadAllText(Path.Combine(_dir, "meta", "info.json")))!;
+        Assert.Equal("image", (string?)info["features"]!["observation.images.wrist_image"]!["dtype"]);
+        var rows = LeRobotFiles.ReadRows(LeRobotLayout.EpisodeFile(_dir, 0));
+        var third = Png.DecodeRgb(rows[0].Image!.Bytes).Rgb;
+        var wrist = Png.DecodeRgb(rows[0].WristImage!.Bytes).Rgb;
+        Assert.Equal(third.Length, wrist.Length);
+        Assert.NotEqual(third, wrist);
+        var stats = JsonNode.Parse(File.ReadAllText(Path.Combine(_dir, "meta", "stats.json")))!;
+        Assert.Equal(rows.Count, (long)stats["observation.images.wrist_image"]!["count"]![0]!);
+    }
+
+    [Fact]
     public void Quantiles_follow_numpy_linear_interpolation()
     {
         var rows = new[] { new[] { 1f, 10f }, new[] { 2f, 20f }, new[] { 3f, 30f }, new[] { 4f, 40f } };
