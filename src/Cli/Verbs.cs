@@ -9,5 +9,6 @@ internal static class Verbs
         PolicyVerbs.Create()
             .Concat(QuantizationVerbs.Create())
             .Concat(BenchVerbs.Create())
-            .Concat(DataVerbs.Create());
+            .Concat(DataVerbs.Create())
+            .Concat(SimulationVerbs.Create());
 }
