@@ -100,7 +100,7 @@ internal static class InferenceBench
         var sb = new StringBuilder();
         sb.AppendLine($"Measured {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC by `./openvla bench` on {m.Cpu}, {m.Cores} cores, {m.MemoryGiB:0.0} GiB, " +
                       $"{m.TorchThreads} torch threads; {warmup} warm-up + {repeats} timed batches per row, medians (action latency: median and min–max).");
-        sb.AppendLine($"Ceilings measured in the same run: bf16 GEMM {m.Bf16GemmGflops:0} GFLOP/s (512×2048·2048×2048), read bandwidth {m.ReadBandwidthGBs:0.0} GB/s (1 GiB sum).");
+        sb.AppendLine($"Ceilings measured in the same run: bf16 GEMM {m.Bf16GemmGflops:0} GFLOP/s (512×2048·2048×2048), read bandwidth {m.ReadBandwidthGBs:0.0} GB/s (1 GiB float32 sum).");
         sb.AppendLine("Roofline ratio = measured ÷ floor; compute floor = (vision + projector + prefill FLOPs) ÷ GEMM rate, decode floor = (language-model weight bytes + KV cache) ÷ bandwidth. 1.0 is the ceiling.");
         sb.AppendLine();
         sb.AppendLine("| preset | weights | batch | weight MB | vision ms | prefill ms | decode ms/token | action ms (min–max) | actions/s | peak RSS MB | vision+prefill ÷ floor | decode ÷ floor |");

@@ -16,7 +16,7 @@ internal sealed record Machine(string Cpu, int Cores, double MemoryGiB, int Torc
         if (File.Exists("/proc/meminfo"))
         {
             var line = File.ReadLines("/proc/meminfo").First(l => l.StartsWith("MemTotal"));
-            memGiB = long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0 / 1024.0;
+            memGiB = long.Parse(line.Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0 / 1024.0;
         }
         return new Machine(cpu, Environment.ProcessorCount, memGiB, torch.get_num_threads(), GemmGflops(), BandwidthGBs());
     }
@@ -38,34 +38,35 @@ internal sealed record Machine(string Cpu, int Cores, double MemoryGiB, int Torc
         return 2.0 * 512 * 2048 * 2048 / best / 1e9;
     }
 
-    /// <summary>Best of several full reads (sum) of a 1 GiB bf16 tensor: the bytes a decode step streams.</summary>
+    /// <summary>Best of several full reads (a vectorized float32 sum) of a 1 GiB tensor: the rate at which a decode
+    /// step can stream weights from memory.</summary>
     static double BandwidthGBs()
     {
         using var scope = NewDisposeScope();
         using var noGrad = torch.no_grad();
-        long n = 512L << 20; // 1 GiB of bf16
-        var t = ones(n, ScalarType.BFloat16);
+        long n = 256L << 20; // 1 GiB of float32
+        var t = ones(n, ScalarType.Float32);
         double best = double.MaxValue;
-        for (int i = 0; i < 6; i++)
+        for (int i = 0; i < 8; i++)
         {
             var sw = Stopwatch.StartNew();
-            using var s = t.sum(ScalarType.Float32);
+            using var s = t.sum();
             _ = s.item<float>();
             best = Math.Min(best, sw.Elapsed.TotalSeconds);
         }
-        return n * 2 / best / 1e9;
+        return n * 4 / best / 1e9;
     }
 
     public static long PeakRssBytes()
     {
         var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmHWM:"));
-        return line is null ? 0 : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+        return line is null ? 0 : long.Parse(line.Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
     }
 
     public static long RssBytes()
     {
         var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmRSS:"));
-        return line is null ? 0 : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+        return line is null ? 0 : long.Parse(line.Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
     }
 
     /// <summary>Resets the kernel's peak-RSS counter of this process (Linux ≥ 4.0), so each configuration gets its own peak.</summary>

@@ -24,8 +24,9 @@ public static class RandomInit
     }
 
     /// <summary>
-    /// Fills an (empty) model's parameters in place, in its own precision, quantizing each covered linear layer right
-    /// after filling it, so a 7B model is built in the memory of its final form plus one layer.
+    /// Fills an (empty) model's parameters in place, in its own precision. Covered linear layers of a quantized model get
+    /// random weights built directly in int8/int4 (random levels, scales giving the same std as the float init), so a
+    /// 7B model is built in the memory of its final form and never touches float copies of those weights.
     /// </summary>
     public static void Fill(OpenVlaModel model, int seed, QuantizationOptions quantization)
     {
@@ -34,10 +35,30 @@ public static class RandomInit
         var linears = model.named_modules().Where(m => m.module is Linear).ToDictionary(m => m.name + ".weight", m => (Linear)m.module);
         foreach (var (name, p) in model.named_parameters().ToList())
         {
+            if (quantization.Mode != QuantMode.None && linears.TryGetValue(name, out var lin) && quantization.Covers(name))
+            {
+                lin.SetQuantized(QuantizedWeight.FromPortable(RandomQuantized(lin.OutFeatures, lin.InFeatures, quantization, gen), p.device));
+                continue;
+            }
             var (mean, std) = MeanStd(name, p.shape);
             p.normal_(mean, std, gen);
-            if (quantization.Mode != QuantMode.None && linears.TryGetValue(name, out var lin) && quantization.Covers(name))
-                lin.Quantize(quantization);
         }
+    }
+
+    /// <summary>Uniform random levels with the scale that gives weights of std 1/√in, like the float init.</summary>
+    static PortableQuantized RandomQuantized(long n, long k, QuantizationOptions options, Generator gen)
+    {
+        double std = 1 / Math.Sqrt(k);
+        if (options.ModeFor(k) == QuantMode.Int8)
+        {
+            // Uniform on [−127, 127] has std 127/√3.
+            var q = randint(-127, 128, [n, k], dtype: ScalarType.Int8, generator: gen);
+            return new PortableQuantized(QuantMode.Int8, n, k, 0, q, full([n], std * Math.Sqrt(3) / 127, ScalarType.BFloat16), null);
+        }
+        int g = options.GroupSize;
+        var packed = randint(0, 256, [n, k / 2], dtype: ScalarType.Byte, generator: gen);
+        // Levels 0..15 uniform have std ≈ 4.6 around 7.5; zero = value of level 8 ≈ 0.
+        var scale = full([n, k / g], std / 4.6, ScalarType.BFloat16);
+        return new PortableQuantized(QuantMode.Int4, n, k, g, packed, scale, zeros([n, k / g], ScalarType.BFloat16));
     }
 }
