@@ -6,5 +6,7 @@ namespace OpenVLA.Cli;
 internal static class Verbs
 {
     public static IEnumerable<Command> All() =>
-        PolicyVerbs.Create().Concat(FineTuneVerbs.Create());
+        PolicyVerbs.Create()
+            .Concat(QuantizationVerbs.Create())
+            .Concat(FineTuneVerbs.Create());
 }

@@ -13,19 +13,32 @@ namespace OpenVLA.Policy;
 public sealed record PolicyOptions
 {
     public string Device { get; init; } = "cpu";
-    /// <summary>Compute and weight precision: "f32" or "bf16".</summary>
-    public string DType { get; init; } = "f32";
+    /// <summary>Compute and weight precision: "f32" or "bf16"; null = f32, or bf16 when quantized (the int8/int4
+    /// kernels take bf16 activations).</summary>
+    public string? DType { get; init; }
+    /// <summary>Weight-only quantization applied at load: "none", "int8" or "int4" (a pre-quantized checkpoint keeps its own).</summary>
+    public string Quantize { get; init; } = "none";
+    /// <summary>int4 group size (32, 64, 128 or 256).</summary>
+    public int GroupSize { get; init; } = 128;
+    /// <summary>Quantize the vision towers too (default) or keep them in the compute precision.</summary>
+    public bool QuantizeVision { get; init; } = true;
     /// <summary>Evaluation-time center crop (area 0.9, resized back) for checkpoints trained with image augmentation.</summary>
     public bool CenterCrop { get; init; }
     /// <summary>Intra-op threads for CPU inference; null keeps TorchSharp's default (one per core).</summary>
     public int? Threads { get; init; }
 
+    public Quantization.QuantizationOptions Quantization => OpenVLA.Policy.Quantization.QuantizationOptions.Parse(Quantize, GroupSize, QuantizeVision);
+
     public ScalarType ScalarType => DType switch
     {
+        null => Quantize == "none" ? ScalarType.Float32 : ScalarType.BFloat16,
+        // Quantized with f32 activations runs the kernels' exact scalar path: a reference, 10–20× slower than bf16.
         "f32" or "float32" => ScalarType.Float32,
         "bf16" or "bfloat16" => ScalarType.BFloat16,
         _ => throw new PolicyInputException($"unknown dtype '{DType}' (valid: f32, bf16)"),
     };
+
+    public string DTypeName => ScalarType == ScalarType.Float32 ? "f32" : "bf16";
 }
 
 /// <summary>
@@ -65,8 +78,8 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             ImageSize: checkpoint.Config.ImageSize,
             ImagesPerObservation: 1,
             ResizeStrategy: checkpoint.Config.ImageResizeStrategy,
-            Precision: options.DType,
-            Quantization: "none",
+            Precision: model.Precision.DType == ScalarType.Float32 ? "f32" : "bf16",
+            Quantization: checkpoint.Config.StoredQuantization?.Name ?? options.Quantization.Name,
             UnnormStats: checkpoint.NormStats);
     }
 
@@ -81,10 +94,11 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         Device device;
         try { device = torch.device(options.Device); }
         catch (Exception e) { throw new PolicyInputException($"unknown device '{options.Device}' ({e.Message.ReplaceLineEndings(" ")})"); }
-        var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(options.ScalarType, device));
+        var dtype = checkpoint.Config.StoredQuantization is null ? options.ScalarType : ScalarType.BFloat16;
+        var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, device));
         try
         {
-            var report = WeightLoader.Load(model, checkpoint);
+            var report = WeightLoader.Load(model, checkpoint, options.Quantization);
             model.eval();
             return new VlaPolicy(checkpoint, model, tokenizer, options, report, device);
         }
@@ -94,6 +108,9 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             throw;
         }
     }
+
+    /// <summary>Resident bytes of weights per component (vision_backbone, projector, language_model).</summary>
+    public IReadOnlyDictionary<string, long> WeightBytesByComponent() => WeightMemory.ByComponent(Model);
 
     public ActionPrediction Predict(VlaObservation observation) => PredictBatch([observation])[0];
 
@@ -115,7 +132,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             using var scope = NewDisposeScope();
             var total = Stopwatch.StartNew();
             var sw = Stopwatch.StartNew();
-            var pixels = _preprocessor.PreprocessBatch(observations.Select(o => o.Images[0]).ToList(), Options.CenterCrop, Device, Options.ScalarType);
+            var pixels = _preprocessor.PreprocessBatch(observations.Select(o => o.Images[0]).ToList(), Options.CenterCrop, Device, Model.Precision.DType);
             double preprocessMs = Lap(sw);
 
             var patches = Model.EncodeImages(pixels);
