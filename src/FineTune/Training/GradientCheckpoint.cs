@@ -46,6 +46,10 @@ public sealed class CheckpointedBlock : torch.autograd.SingleTensorFunction<Chec
         var current = RngState(generator);
         SetRngState(generator, (byte[])ctx.get_data("rng"));
         Tensor inputGrad;
+        // The recomputed activations must die with this call, not with whatever dispose scope is open around the
+        // training step: otherwise every block's recomputation stays alive until the step ends and checkpointing saves
+        // nothing.
+        using (var scope = NewDisposeScope())
         using (torch.enable_grad())
         {
             var x = saved.detach().requires_grad_(true);
@@ -54,7 +58,7 @@ public sealed class CheckpointedBlock : torch.autograd.SingleTensorFunction<Chec
             // The leaf gradient may keep the layout of whichever contribution arrived first; the plain graph hands the
             // previous block a dense sum. Reductions over a differently-strided tensor round differently (bias grads
             // differed by 1 ulp), so pass it on contiguous.
-            inputGrad = (x.grad ?? zeros_like(x)).contiguous();
+            inputGrad = (x.grad ?? zeros_like(x)).contiguous().MoveToOuterDisposeScope();
         }
         SetRngState(generator, current);
         return [inputGrad, null!, null!];

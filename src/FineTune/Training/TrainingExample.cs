@@ -71,8 +71,12 @@ public sealed class InMemoryExampleSource : IExampleSource
     {
         var order = Enumerable.Range(0, _examples.Count).ToArray();
         if (!_shuffle) return order;
-        var rng = new Random(unchecked((int)Mix(_seed, 0x5A5A, (ulong)epoch)));
-        rng.Shuffle(order);
+        // Fisher–Yates with our own mixing function: System.Random's seeded sequence is not part of .NET's contract.
+        for (int i = order.Length - 1; i > 0; i--)
+        {
+            int j = (int)(Mix(_seed, 0x5A5A + (ulong)epoch, (ulong)i) % (ulong)(i + 1));
+            (order[i], order[j]) = (order[j], order[i]);
+        }
         return order;
     }
 
