@@ -83,11 +83,17 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             UnnormStats: checkpoint.NormStats);
     }
 
-    public static VlaPolicy Load(string checkpointDir, PolicyOptions? options = null)
+    public static VlaPolicy Load(string checkpointDir, PolicyOptions? options = null) => Create(checkpointDir, options, randomSeed: null);
+
+    /// <summary>A policy of the directory's architecture with random weights built in place (no safetensors needed):
+    /// benchmarks of the 7B architecture use this, since the real weights are not available.</summary>
+    public static VlaPolicy CreateWithRandomWeights(string metadataDir, PolicyOptions? options, int seed) => Create(metadataDir, options, seed);
+
+    static VlaPolicy Create(string checkpointDir, PolicyOptions? options, int? randomSeed)
     {
         options ??= new PolicyOptions();
         if (options.Threads is int n) torch.set_num_threads(n);
-        var checkpoint = VlaCheckpoint.Open(checkpointDir);
+        var checkpoint = VlaCheckpoint.Open(checkpointDir, requireWeights: randomSeed is null);
         var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
         if (tokenizer.VocabSize != checkpoint.Config.TokenizerVocabSize)
             throw new CheckpointException($"{checkpointDir}: tokenizer.model has {tokenizer.VocabSize} pieces but config.json implies {checkpoint.Config.TokenizerVocabSize} (text vocab_size − pad_to_multiple_of)");
@@ -98,7 +104,13 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, device));
         try
         {
-            var report = WeightLoader.Load(model, checkpoint, options.Quantization);
+            LoadReport report;
+            if (randomSeed is int seed)
+            {
+                RandomInit.Fill(model, seed, options.Quantization);
+                report = new LoadReport([], [], 0);
+            }
+            else report = WeightLoader.Load(model, checkpoint, options.Quantization);
             model.eval();
             return new VlaPolicy(checkpoint, model, tokenizer, options, report, device);
         }

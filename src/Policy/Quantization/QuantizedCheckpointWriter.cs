@@ -65,17 +65,16 @@ public static class QuantizedCheckpointWriter
                 PortableQuantized? cached = null;
                 PortableQuantized Quantized()
                 {
-                    if (cached is null) { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.Mode, options.GroupSize); }
+                    if (cached is null) { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.ModeFor(k), options.GroupSize); }
                     return cached;
                 }
-                if (options.Mode == QuantMode.Int8)
+                if (options.ModeFor(k) == QuantMode.Int8)
                 {
                     entries.Add(new(info.Name, ScalarType.Int8, [n, k])); producers.Add(() => Quantized().Q);
                     entries.Add(new(b + ".weight_scale", ScalarType.BFloat16, [n])); producers.Add(() => Quantized().Scale);
                 }
                 else
                 {
-                    if (k % options.GroupSize != 0) throw new PolicyInputException($"int4 group size {options.GroupSize} does not divide {info.Name}'s width {k}");
                     entries.Add(new(info.Name, ScalarType.Byte, [n, k / 2])); producers.Add(() => Quantized().Q);
                     entries.Add(new(b + ".weight_scale", ScalarType.BFloat16, [n, k / options.GroupSize])); producers.Add(() => Quantized().Scale);
                     entries.Add(new(b + ".weight_zero", ScalarType.BFloat16, [n, k / options.GroupSize])); producers.Add(() => Quantized().Zero!);

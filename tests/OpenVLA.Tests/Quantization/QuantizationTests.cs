@@ -211,6 +211,16 @@ public class QuantizationTests
     }
 
     [Fact]
+    public void Int4LayerWhoseWidthTheGroupDoesNotDivideIsStoredInt8()
+    {
+        var options = QuantizationOptions.Parse("int4", 128);
+        Assert.Equal(QuantMode.Int8, options.ModeFor(4304)); // SigLIP So400m mlp.fc2 input width
+        Assert.Equal(QuantMode.Int4, options.ModeFor(4096));
+        using var q = QuantizedWeight.Quantize(randn(16, 4304 / 4, generator: new Generator(1)).repeat(1, 4), options);
+        Assert.Equal(QuantMode.Int8, q.Mode);
+    }
+
+    [Fact]
     public void UnknownModesAndBadGroupSizesAreInputErrors()
     {
         Assert.Contains("valid: none, int8, int4", Assert.Throws<PolicyInputException>(() => QuantizationOptions.Parse("fp4")).Message);
