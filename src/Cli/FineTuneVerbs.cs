@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using OpenVLA.FineTune.Data;
 using OpenVLA.FineTune.Training;
 using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
@@ -14,7 +15,7 @@ namespace OpenVLA.Cli;
 /// <summary>finetune, merge and finetune-benchmark: the verbs of the LoRA / full fine-tuning tool.</summary>
 internal static class FineTuneVerbs
 {
-    public static IEnumerable<Command> Create() => [Merge(), Benchmark()];
+    public static IEnumerable<Command> Create() => [Finetune(), Merge(), Benchmark()];
 
     /// <summary>The options that describe a training run, shared by finetune and finetune-benchmark (defaults: finetune.py).</summary>
     internal sealed class TrainingOptions
@@ -82,6 +83,136 @@ internal static class FineTuneVerbs
             try { return torch.device(r.GetValue(Device)!); }
             catch (Exception e) { throw new UsageException($"unknown --device '{r.GetValue(Device)}' ({CliExit.OneLine(e.Message)})"); }
         }
+    }
+
+    static Command Finetune()
+    {
+        var training = new TrainingOptions();
+        var baseDir = new Option<string?>("--base") { Description = "base Hugging Face OpenVLA checkpoint directory (for --full from scratch: a random-weight one from make-checkpoint)" };
+        var dataset = new Option<string?>("--dataset") { Description = "LeRobot v2.1 or RLDS (TFRecord) dataset directory" };
+        var datasetConfig = new Option<string?>("--dataset-config") { Description = "per-dataset mapping JSON (keys, gripper convention, normalization mask); default: the layout's defaults" };
+        var datasetFormat = new Option<string?>("--dataset-format") { Description = "lerobot or rlds (default: detected)" };
+        var outDir = new Option<string?>("--out") { Description = "run directory: step-N/ checkpoints, metrics.jsonl, metrics.png, dataset_statistics.json" };
+        var saveSteps = new Option<int>("--save-steps") { Description = "save every N optimizer steps (and at the end)", DefaultValueFactory = _ => 5000 };
+        var evalSteps = new Option<int>("--eval-steps") { Description = "evaluate on the held-out split every N steps (and at the end); 0: only at the end", DefaultValueFactory = _ => 500 };
+        var evalExamples = new Option<int>("--eval-examples") { Description = "held-out examples scored per evaluation", DefaultValueFactory = _ => 256 };
+        var heldOut = new Option<double>("--held-out-fraction") { Description = "share of episodes held out for evaluation", DefaultValueFactory = _ => 0.05 };
+        var shuffle = new Option<int>("--shuffle-buffer") { Description = "steps in the shuffle buffer (reference 100000; memory: that many encoded frames)", DefaultValueFactory = _ => 10_000 };
+        var imageAug = new Option<bool>("--image-aug") { Description = "OpenVLA image augmentation (random resized crop 90% area, colour jitter); predict with --center-crop afterwards" };
+        var merge = new Option<bool>("--merge") { Description = "also write the merged Hugging Face checkpoint at every save (LoRA)" };
+        var keep = new Option<int>("--keep-checkpoints") { Description = "checkpoints kept on disk (the reference keeps the latest)", DefaultValueFactory = _ => 1 };
+        var resume = new Option<bool>("--resume") { Description = "continue from the latest checkpoint in --out exactly where it stopped" };
+        var dryRun = new Option<bool>("--dry-run") { Description = "print the memory budget for these options and exit" };
+        var preset = new Option<string?>("--preset") { Description = $"with --dry-run and no --base: plan for a preset ({string.Join(" | ", CheckpointPreset.Names)})" };
+        var promptTokens = new Option<int>("--prompt-tokens") { Description = "with --dry-run: prompt length in tokens", DefaultValueFactory = _ => 32 };
+        var json = new Option<bool>("--json") { Description = "machine-readable output (the plan with --dry-run, a summary otherwise)" };
+        var cmd = new Command("finetune", "Fine-tune an OpenVLA checkpoint with LoRA (or train it in full) on a robot dataset.")
+            { baseDir, dataset, datasetConfig, datasetFormat, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, merge, keep, resume, dryRun, preset, promptTokens, json };
+        training.AddTo(cmd);
+        cmd.SetAction(r =>
+        {
+            var options = training.Read(r) with
+            {
+                SaveSteps = r.GetValue(saveSteps), EvalSteps = r.GetValue(evalSteps), EvalExamples = r.GetValue(evalExamples),
+                Merge = r.GetValue(merge), KeepCheckpoints = r.GetValue(keep),
+            };
+            try { options.Validate(); }
+            catch (ArgumentException e) { throw new UsageException(e.Message); }
+            var dtype = training.WeightType(r);
+            int elementBytes = dtype == torch.ScalarType.Float32 ? 4 : 2;
+
+            if (r.GetValue(dryRun))
+            {
+                VlaConfig config;
+                string what;
+                if (r.GetValue(baseDir) is { } b) { config = VlaCheckpoint.Open(b).Config; what = b; }
+                else if (r.GetValue(preset) is { } p) { config = VlaConfig.Parse(CheckpointMaker.ConfigJson(CheckpointPreset.Get(p), dtype), p); what = p; }
+                else throw new UsageException("--dry-run needs --base DIR or --preset NAME");
+                var budget = MemoryPlanner.Plan(config, options, elementBytes, r.GetValue(promptTokens));
+                string mode = options.Full ? "full training" : $"LoRA r={options.Lora.Rank} alpha={options.Lora.Alpha} {string.Join(",", options.Lora.TargetModules)}";
+                PrintPlan(budget, $"memory plan: {what}, {mode}, {MemoryPlanner.Precision(elementBytes)} weights, batch {options.BatchSize}, " +
+                                $"gradient checkpointing {(options.GradientCheckpointing ? "on" : "off")}", r.GetValue(json));
+                return CliExit.Ok;
+            }
+
+            string basePath = r.GetValue(baseDir) ?? throw new UsageException("--base is required (a Hugging Face OpenVLA checkpoint directory)");
+            string datasetPath = r.GetValue(dataset) ?? throw new UsageException("--dataset is required");
+            string runDir = r.GetValue(outDir) ?? throw new UsageException("--out is required");
+            if (r.GetValue(shuffle) < 1) throw new UsageException("--shuffle-buffer must be at least 1");
+            string? latest = Trainer.LatestCheckpoint(runDir);
+            if (r.GetValue(resume) && latest is null) throw new UsageException($"--resume: no checkpoint in {runDir}");
+            if (!r.GetValue(resume) && latest is not null) throw new UsageException($"{runDir} already holds {Path.GetFileName(latest)}; pass --resume to continue it or choose another --out");
+            ProcessMemory.LimitHeapFragmentation();
+
+            var checkpoint = VlaCheckpoint.Open(basePath);
+            var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
+            var datasetMapping = r.GetValue(datasetConfig) is { } cfg ? DatasetConfig.Load(cfg) : null;
+            using var data = VlaDataset.Open(datasetPath, datasetMapping, r.GetValue(datasetFormat));
+            var stats = data.ComputeStatistics();
+            var split = data.SplitEpisodes(r.GetValue(heldOut), options.Seed);
+            int imageSize = checkpoint.Config.ImageSize;
+            var streamOptions = new StreamOptions
+            {
+                Seed = options.Seed, ShuffleBufferSize = r.GetValue(shuffle), ImageSize = imageSize,
+                Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : null,
+            };
+            var source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
+            var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed);
+            var statistics = JsonNode.Parse(DatasetStatistics.ToJson([stats]))!.AsObject();
+            Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}): {split.Train.Count} training / {split.HeldOut.Count} held-out episodes, {data.StepCount} steps");
+
+            using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
+            WeightLoader.Load(model, checkpoint);
+            using var trainer = new Trainer(model, checkpoint, tokenizer, options, runDir, statistics);
+            stats.SaveTo(runDir);
+            if (latest is not null && r.GetValue(resume))
+            {
+                trainer.Resume(latest, source);
+                Console.Error.WriteLine($"finetune: resumed from {latest} at step {trainer.Step}");
+            }
+            var plan = MemoryPlanner.Plan(checkpoint.Config, options, elementBytes);
+            Console.Error.WriteLine($"finetune: {(options.Full ? "full training" : $"LoRA on {trainer.AdaptedModules.Count} layers")}, " +
+                                    $"{trainer.TrainableParameters / 1e6:0.##} M trainable parameters, planned peak {MemoryPlanner.Gb(plan.PeakBytes)}");
+
+            string? lastSave = latest;
+            StepMetrics? lastEval = null;
+            using (var progress = new TrainingProgress(options.MaxSteps, 10))
+            {
+                void Evaluate()
+                {
+                    if (heldOutExamples.Count == 0) return;
+                    lastEval = trainer.Evaluate(heldOutExamples);
+                    trainer.Metrics.Append(lastEval);
+                    progress.Note($"eval @ step {lastEval.Step}: loss {lastEval.Loss:0.0000} action accuracy {lastEval.ActionAccuracy:0.000} L1 {lastEval.L1:0.0000} ({heldOutExamples.Count} held-out examples)");
+                }
+                void Save()
+                {
+                    lastSave = trainer.Save(source, Path.GetFullPath(basePath));
+                    trainer.Metrics.Plot(Path.Combine(runDir, MetricsLog.PlotFileName));
+                    progress.Note($"saved {lastSave}");
+                }
+                if (trainer.Step == 0) Evaluate();
+                while (trainer.Step < options.MaxSteps)
+                {
+                    var m = trainer.TrainStep(source);
+                    trainer.Metrics.Append(m);
+                    progress.Report(m);
+                    bool last = trainer.Step == options.MaxSteps;
+                    if (last || options.EvalSteps > 0 && trainer.Step % options.EvalSteps == 0) Evaluate();
+                    if (last || options.SaveSteps > 0 && trainer.Step % options.SaveSteps == 0) Save();
+                }
+            }
+            var summary = new JsonObject
+            {
+                ["out"] = Path.GetFullPath(runDir), ["checkpoint"] = lastSave is null ? null : Path.GetFullPath(lastSave), ["steps"] = trainer.Step,
+                ["eval"] = lastEval?.ToJson(),
+            };
+            if (r.GetValue(json)) Console.WriteLine(summary.ToJsonString());
+            else Console.WriteLine(lastSave is null ? Path.GetFullPath(runDir) : Path.GetFullPath(lastSave));
+            if (r.GetValue(imageAug)) Console.Error.WriteLine("finetune: trained with --image-aug: predict and serve with --center-crop");
+            return CliExit.Ok;
+        });
+        return cmd;
     }
 
     static Command Merge()
