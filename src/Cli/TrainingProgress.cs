@@ -8,6 +8,7 @@ internal sealed class TrainingProgress(long totalSteps, int everySteps) : IDispo
 {
     readonly bool _tty = !Console.IsErrorRedirected;
     bool _drawn;
+    int _lastLength;
 
     public void Report(StepMetrics m)
     {
@@ -18,13 +19,19 @@ internal sealed class TrainingProgress(long totalSteps, int everySteps) : IDispo
         string line = $"step {m.Step}/{totalSteps} [{new string('#', filled).PadRight(20, '.')}] loss {m.Loss:0.0000} " +
                       $"acc {m.ActionAccuracy:0.000} L1 {m.L1:0.0000} lr {m.LearningRate:0.##e+0} | {m.SamplesPerSecond:0.0} samples/s | " +
                       $"ETA {Format(etaSeconds)}";
-        if (_tty) { Console.Error.Write("\r" + line.PadRight(Console.IsErrorRedirected ? 0 : Math.Min(160, line.Length + 2))); _drawn = true; }
+        if (_tty)
+        {
+            // Pad to the previous line's length so a shorter line leaves no remnants.
+            Console.Error.Write("\r" + line.PadRight(_lastLength));
+            _lastLength = line.Length;
+            _drawn = true;
+        }
         else Console.Error.WriteLine(line);
     }
 
     public void Note(string text)
     {
-        if (_drawn) { Console.Error.WriteLine(); _drawn = false; }
+        if (_drawn) { Console.Error.WriteLine(); _drawn = false; _lastLength = 0; }
         Console.Error.WriteLine(text);
     }
 

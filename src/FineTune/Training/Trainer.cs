@@ -66,7 +66,7 @@ public sealed class Trainer : IDisposable
         _statistics = datasetStatistics;
         _objective = ActionObjective.ForCheckpoint(baseCheckpoint, tokenizer);
 
-        _generator = new Generator(options.Seed);
+        _generator = new Generator(options.Seed, model.Precision.Device);   // masks are drawn on the model's device
         if (options.Full)
         {
             foreach (var p in model.parameters()) p.requires_grad = true;
