@@ -86,7 +86,9 @@ public class LoraTrainingTests
         var (model, checkpoint, tokenizer) = TrainingFixtures.Load(baseDir);
         using var _ = model;
         var examples = TrainingFixtures.Examples(6);
-        using var trainer = new Trainer(model, checkpoint, tokenizer, TrainingFixtures.SmallRun() with { Merge = true }, tmp["run"], TrainingFixtures.Statistics());
+        // The run's statistics know only its own robot: loading them is what makes "my_robot" a valid unnorm key.
+        var stats = new JsonObject { ["my_robot"] = TrainingFixtures.Statistics()["sim_tabletop"]!.DeepClone() };
+        using var trainer = new Trainer(model, checkpoint, tokenizer, TrainingFixtures.SmallRun() with { Merge = true }, tmp["run"], stats);
         var source = new InMemoryExampleSource(examples, seed: 5);
         for (int i = 0; i < 5; i++) trainer.TrainStep(source);
         var trained = Logits(trainer, examples.Take(3).ToList());
@@ -109,7 +111,7 @@ public class LoraTrainingTests
         unusedInBase.Dispose(); unusedInMerged.Dispose();
 
         using var policy = VlaPolicy.Load(mergedDir);
-        var prediction = policy.Predict(new VlaObservation([examples[0].Image], examples[0].Instruction, "sim_tabletop"));
+        var prediction = policy.Predict(new VlaObservation([examples[0].Image], examples[0].Instruction, "my_robot"));
         Assert.Equal(7, prediction.Action.Length);
         Assert.Equal(7, prediction.ActionTokenIds.Length);
 
@@ -123,6 +125,18 @@ public class LoraTrainingTests
             Assert.True(Tensors.Identical(trained, Logits(probe, examples.Take(3).ToList())));
         }
 
+        // The policy loads base + adapter directly (merged at load) and predicts exactly as from the merged checkpoint,
+        // un-normalizing with the adapter's statistics.
+        using (var adapted = VlaPolicy.Load(baseDir, new PolicyOptions { Adapter = Path.Combine(saved, Trainer.AdapterDirName) }))
+        {
+            var p2 = adapted.Predict(new VlaObservation([examples[0].Image], examples[0].Instruction, "my_robot"));
+            Assert.Equal(prediction.ActionTokenIds, p2.ActionTokenIds);
+            Assert.Equal(prediction.Action, p2.Action);
+        }
+        var cliPredict = CliRunner.Run("predict", "--checkpoint", baseDir, "--adapter", Path.Combine(saved, Trainer.AdapterDirName),
+            "--image", WritePng(tmp["frame.png"], examples[0].Image), "--instruction", examples[0].Instruction, "--unnorm-key", "my_robot", "--json");
+        Assert.True(cliPredict.ExitCode == 0, cliPredict.Stderr);
+
         // `merge` does the same offline.
         var cli = CliRunner.Run("merge", "--base", baseDir, "--adapter", Path.Combine(saved, Trainer.AdapterDirName), "--out", tmp["merged-cli"], "--dtype", "f32");
         Assert.True(cli.ExitCode == 0, cli.Stderr);
@@ -130,6 +144,16 @@ public class LoraTrainingTests
         using var b = SafetensorsFile.Open(Path.Combine(tmp["merged-cli"], "model.safetensors"));
         foreach (var name in a.Tensors.Keys) Assert.True(Tensors.Identical(a.Load(name), b.Load(name)), name);
         Assert.Equal(File.ReadAllText(Path.Combine(saved, "dataset_statistics.json")), File.ReadAllText(Path.Combine(tmp["merged-cli"], "dataset_statistics.json")));
+    }
+
+    static string WritePng(string path, RgbImage image)
+    {
+        using var mat = new OpenCvSharp.Mat(image.Height, image.Width, OpenCvSharp.MatType.CV_8UC3);
+        var bgr = new byte[image.Pixels.Length];
+        for (int i = 0; i < bgr.Length; i += 3) { bgr[i] = image.Pixels[i + 2]; bgr[i + 1] = image.Pixels[i + 1]; bgr[i + 2] = image.Pixels[i]; }
+        System.Runtime.InteropServices.Marshal.Copy(bgr, 0, mat.Data, bgr.Length);
+        OpenCvSharp.Cv2.ImWrite(path, mat);
+        return path;
     }
 
     [Fact]
