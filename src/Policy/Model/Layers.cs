@@ -70,7 +70,10 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
-        var y = _quantized is null ? F.linear(x, weight, bias) : _quantized.Forward(x, bias);
+        var y = _quantized is null ? F.linear(x, weight, bias)
+            // Training on a quantized base: the packed kernels have no derivative; this gives the input its gradient.
+            : x.requires_grad && torch.is_grad_enabled() ? QuantizedLinearFunction.Apply(x, _quantized, bias)
+            : _quantized.Forward(x, bias);
         if (lora_A is null || lora_B is null) return y;
         using var scope = NewDisposeScope();
         var h = x.to(ScalarType.Float32);
