@@ -7,6 +7,7 @@ using OpenVLA.FineTune.Training;
 using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
 using OpenVLA.Policy.Model;
+using OpenVLA.Policy.Quantization;
 using OpenVLA.Policy.Tokenization;
 using TorchSharp;
 
@@ -36,13 +37,14 @@ internal static class FineTuneVerbs
         public Option<bool> Checkpointing { get; } = new("--grad-checkpointing") { Description = "recompute decoder layers and ViT blocks in backward (less memory, ~1.3x compute)" };
         public Option<ulong> Seed { get; } = new("--seed") { Description = "seed of adapter init, dropout and data order", DefaultValueFactory = _ => 7UL };
         public Option<string?> DType { get; } = new("--dtype") { Description = "weight precision: bf16 or f32 (default bf16 for LoRA, f32 for --full)" };
+        public Option<string> Quantize { get; } = new("--quantize") { Description = "QLoRA-style frozen base: none or int8 (weight-only, per channel; CPU kernels)", DefaultValueFactory = _ => "none" };
         public Option<string> Device { get; } = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
         public Option<int?> Threads { get; } = new("--threads") { Description = "CPU threads (default: one per core)" };
 
         public void AddTo(Command command)
         {
             foreach (var o in new Option[] { Full, TargetModules, Rank, Alpha, Dropout, LearningRate, WeightDecay, Schedule, Warmup, MaxSteps,
-                         BatchSize, Accumulation, MaxGradNorm, Checkpointing, Seed, DType, Device, Threads })
+                         BatchSize, Accumulation, MaxGradNorm, Checkpointing, Seed, DType, Quantize, Device, Threads })
                 command.Options.Add(o);
         }
 
@@ -76,7 +78,31 @@ internal static class FineTuneVerbs
             return options;
         }
 
-        public torch.ScalarType WeightType(ParseResult r) => StoredType(r.GetValue(DType) ?? (r.GetValue(Full) ? "f32" : "bf16"));
+        public torch.ScalarType WeightType(ParseResult r)
+        {
+            if (Quantization(r).Mode != QuantMode.None)
+            {
+                // The int8 kernels take bf16 activations (their f32 path is a slow reference).
+                if (r.GetValue(DType) is { } d && StoredType(d) != torch.ScalarType.BFloat16) throw new UsageException("--quantize int8 trains with bf16 activations; drop --dtype f32");
+                return torch.ScalarType.BFloat16;
+            }
+            return StoredType(r.GetValue(DType) ?? (r.GetValue(Full) ? "f32" : "bf16"));
+        }
+
+        public QuantizationOptions Quantization(ParseResult r) => r.GetValue(Quantize) switch
+        {
+            "none" => QuantizationOptions.None,
+            "int8" => QuantizationOptions.Parse("int8"),
+            "int4" => throw new UsageException("--quantize int4 is not supported for training (its backward would rebuild every weight through the kernel); use int8"),
+            var other => throw new UsageException($"unknown --quantize '{other}' (valid: none, int8)"),
+        };
+
+        /// <summary>The trainer, with its option conflicts (e.g. --merge on a quantized base) reported as usage errors.</summary>
+        public static Trainer NewTrainer(OpenVlaModel model, VlaCheckpoint checkpoint, VlaTokenizer tokenizer, TrainerOptions options, string outDir, JsonObject stats)
+        {
+            try { return new Trainer(model, checkpoint, tokenizer, options, outDir, stats); }
+            catch (ArgumentException e) { throw new UsageException(e.Message); }
+        }
 
         public torch.Device TorchDevice(ParseResult r)
         {
@@ -128,8 +154,9 @@ internal static class FineTuneVerbs
                 if (r.GetValue(baseDir) is { } b) { config = VlaCheckpoint.Open(b).Config; what = b; }
                 else if (r.GetValue(preset) is { } p) { config = VlaConfig.Parse(CheckpointMaker.ConfigJson(CheckpointPreset.Get(p), dtype), p); what = p; }
                 else throw new UsageException("--dry-run needs --base DIR or --preset NAME");
-                var budget = MemoryPlanner.Plan(config, options, elementBytes, r.GetValue(promptTokens));
+                var budget = MemoryPlanner.Plan(config, options, elementBytes, r.GetValue(promptTokens), training.Quantization(r));
                 string mode = options.Full ? "full training" : $"LoRA r={options.Lora.Rank} alpha={options.Lora.Alpha} {string.Join(",", options.Lora.TargetModules)}";
+                if (training.Quantization(r).Mode != QuantMode.None) mode += ", int8 base";
                 PrintPlan(budget, $"memory plan: {what}, {mode}, {MemoryPlanner.Precision(elementBytes)} weights, batch {options.BatchSize}, " +
                                 $"gradient checkpointing {(options.GradientCheckpointing ? "on" : "off")}", r.GetValue(json));
                 return CliExit.Ok;
@@ -162,15 +189,15 @@ internal static class FineTuneVerbs
             Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}): {split.Train.Count} training / {split.HeldOut.Count} held-out episodes, {data.StepCount} steps");
 
             using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
-            WeightLoader.Load(model, checkpoint);
-            using var trainer = new Trainer(model, checkpoint, tokenizer, options, runDir, statistics);
+            WeightLoader.Load(model, checkpoint, training.Quantization(r));
+            using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics);
             stats.SaveTo(runDir);
             if (latest is not null && r.GetValue(resume))
             {
                 trainer.Resume(latest, source);
                 Console.Error.WriteLine($"finetune: resumed from {latest} at step {trainer.Step}");
             }
-            var plan = MemoryPlanner.Plan(checkpoint.Config, options, elementBytes);
+            var plan = MemoryPlanner.Plan(checkpoint.Config, options, elementBytes, quantization: training.Quantization(r));
             Console.Error.WriteLine($"finetune: {(options.Full ? "full training" : $"LoRA on {trainer.AdaptedModules.Count} layers")}, " +
                                     $"{trainer.TrainableParameters / 1e6:0.##} M trainable parameters, planned peak {MemoryPlanner.Gb(plan.PeakBytes)}");
 
@@ -277,11 +304,12 @@ internal static class FineTuneVerbs
             {
                 CheckpointMaker.Write(dir, name, 0, dtype);
                 var checkpoint = VlaCheckpoint.Open(dir);
-                var plan = MemoryPlanner.Plan(checkpoint.Config, options, dtype == torch.ScalarType.Float32 ? 4 : 2);
+                var quant = training.Quantization(r);
+                var plan = MemoryPlanner.Plan(checkpoint.Config, options, dtype == torch.ScalarType.Float32 ? 4 : 2, quantization: quant);
                 using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
-                WeightLoader.Load(model, checkpoint);
+                WeightLoader.Load(model, checkpoint, quant);
                 var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
-                using var trainer = new Trainer(model, checkpoint, tokenizer, options, Path.Combine(dir, "run"), CheckpointMaker.ExampleStats());
+                using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, Path.Combine(dir, "run"), CheckpointMaker.ExampleStats());
                 var source = new InMemoryExampleSource(SyntheticExamples(64, checkpoint.Config.ImageSize), options.Seed);
                 long rssModel = ProcessMemory.CurrentRss();
                 ProcessMemory.ResetPeak();
@@ -294,7 +322,7 @@ internal static class FineTuneVerbs
                 double samplesPerSecond = r.GetValue(steps) * options.EffectiveBatch / seconds;
                 var result = new JsonObject
                 {
-                    ["preset"] = name, ["dtype"] = MemoryPlanner.Precision(dtype == torch.ScalarType.Float32 ? 4 : 2),
+                    ["preset"] = name, ["dtype"] = MemoryPlanner.Precision(dtype == torch.ScalarType.Float32 ? 4 : 2), ["base"] = quant.Mode == QuantMode.None ? "float" : quant.Name,
                     ["mode"] = options.Full ? "full" : $"lora r{options.Lora.Rank}", ["batch"] = options.BatchSize,
                     ["grad_accumulation"] = options.GradAccumulation, ["grad_checkpointing"] = options.GradientCheckpointing,
                     ["threads"] = torch.get_num_threads(), ["steps"] = r.GetValue(steps), ["seconds"] = Math.Round(seconds, 3),
@@ -309,7 +337,7 @@ internal static class FineTuneVerbs
                 if (r.GetValue(json)) Console.WriteLine(result.ToJsonString());
                 else
                 {
-                    Console.WriteLine($"{name} {result["mode"]} {result["dtype"]} batch {options.BatchSize}{(options.GradientCheckpointing ? " +checkpointing" : "")}, {torch.get_num_threads()} threads: " +
+                    Console.WriteLine($"{name} {result["mode"]} {result["dtype"]}{(quant.Mode == QuantMode.None ? "" : " int8 base")} batch {options.BatchSize}{(options.GradientCheckpointing ? " +checkpointing" : "")}, {torch.get_num_threads()} threads: " +
                                       $"{samplesPerSecond:0.00} samples/s ({seconds / r.GetValue(steps) * 1000:0} ms/step)");
                     Console.WriteLine($"  memory during a step: measured {MemoryPlanner.Gb(peak - rssModel)}, planned {MemoryPlanner.Gb(PlannedStepBytes(plan, options))} (gradients + activations)");
                     Console.WriteLine($"  peak: measured {MemoryPlanner.Gb(peak - rssStart)} above the runtime, planned {MemoryPlanner.Gb(plan.PeakBytes)}");

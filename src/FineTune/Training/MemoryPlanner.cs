@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Quantization;
 
 namespace OpenVLA.FineTune.Training;
 
@@ -48,11 +49,24 @@ public sealed record MemoryPlan(IReadOnlyList<MemoryItem> Resident, long Activat
 public static class MemoryPlanner
 {
     /// <param name="promptTokens">Prompt length in tokens (BOS … "▁"); the reference prompt with a short instruction is ~25–35.</param>
-    public static MemoryPlan Plan(VlaConfig config, TrainerOptions options, int weightBytesPerElement, int promptTokens = 32)
+    /// <param name="quantization">A weight-only quantized base (int8: one byte per weight plus a bf16 scale per row).</param>
+    public static MemoryPlan Plan(VlaConfig config, TrainerOptions options, int weightBytesPerElement, int promptTokens = 32,
+        QuantizationOptions? quantization = null)
     {
         int s = weightBytesPerElement;
+        var quant = quantization ?? QuantizationOptions.None;
         var specs = CheckpointLayout.Enumerate(config).Where(t => t.UsedByInference).ToList();
         long Count(string prefix) => specs.Where(t => t.Name.StartsWith(prefix)).Sum(t => t.ElementCount);
+        long StoredBytes(TensorSpec t)
+        {
+            bool quantizedLinear = t.Shape.Length == 2 && t.Name.EndsWith(".weight") && !t.Name.Contains("embed_tokens")
+                && quant.Covers(t.Name[..^".weight".Length] + ".");
+            if (!quantizedLinear) return t.ElementCount * s;
+            return quant.ModeFor(t.Shape[1]) == QuantMode.Int8
+                ? t.ElementCount + 2 * t.Shape[0]
+                : t.ElementCount / 2 + 4 * t.Shape[0] * (t.Shape[1] / quant.GroupSize);
+        }
+        long Bytes(string prefix) => specs.Where(t => t.Name.StartsWith(prefix)).Sum(StoredBytes);
         long vision = Count("vision_backbone."), projector = Count("projector."), llm = Count("language_model.");
         long all = vision + projector + llm;
 
@@ -68,7 +82,8 @@ public static class MemoryPlanner
 
         var resident = new List<MemoryItem>
         {
-            new($"weights ({Precision(s)})", all * s, $"vision {Gb(vision * s)}, projector {Gb(projector * s)}, language model {Gb(llm * s)}; {all / 1e6:0.#} M params"),
+            new($"weights ({(quant.Mode == QuantMode.None ? Precision(s) : quant.Name + " base")})", Bytes(""),
+                $"vision {Gb(Bytes("vision_backbone."))}, projector {Gb(Bytes("projector."))}, language model {Gb(Bytes("language_model."))}; {all / 1e6:0.#} M params"),
         };
         long trainable;
         if (options.Full)

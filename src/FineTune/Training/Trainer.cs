@@ -66,6 +66,15 @@ public sealed class Trainer : IDisposable
         _statistics = datasetStatistics;
         _objective = ActionObjective.ForCheckpoint(baseCheckpoint, tokenizer);
 
+        var quantized = model.named_modules().Where(m => m.module is Linear { Quantized: not null }).Select(m => ((Linear)m.module).Quantized!).ToList();
+        if (quantized.Count > 0)
+        {
+            // A quantized (QLoRA-style) base trains adapters only, and its weights cannot be written back as floats.
+            if (options.Full) throw new ArgumentException("full training needs a float model, not a quantized one");
+            if (options.Merge) throw new ArgumentException("a quantized base cannot be merged in place; merge the adapter into the float base with `openvla merge`");
+            if (quantized.Any(q => q.Mode == OpenVLA.Policy.Quantization.QuantMode.Int4))
+                throw new ArgumentException("training on an int4 base is not supported (its backward would rebuild every weight through the kernel); use int8");
+        }
         _generator = new Generator(options.Seed, model.Precision.Device);   // masks are drawn on the model's device
         if (options.Full)
         {
