@@ -8,7 +8,9 @@ namespace OpenVLA.Cli;
 /// </summary>
 internal static class PolicyBackends
 {
-    public const string QuantizeVariable = "OPENVLA_EVAL_QUANTIZE", DTypeVariable = "OPENVLA_EVAL_DTYPE";
+    public const string QuantizeVariable = "OPENVLA_EVAL_QUANTIZE", DTypeVariable = "OPENVLA_EVAL_DTYPE", UnnormKeyVariable = "OPENVLA_EVAL_UNNORM_KEY";
+
+    public static string? UnnormKey => Environment.GetEnvironmentVariable(UnnormKeyVariable) is { Length: > 0 } k ? k : null;
 
     public static PolicyOptions FromEnvironment() => new()
     {

@@ -114,9 +114,10 @@ internal static class SimulationVerbs
         var json = Opt("--json", "Print results.json to stdout instead of the Markdown summary.", false);
         var quantize = Opt("--quantize", "checkpoint:DIR policies: weight-only quantization (none, int8, int4).", "none");
         var dtype = new Option<string?>("--dtype") { Description = "checkpoint:DIR policies: compute precision (f32 or bf16)." };
+        var unnormKey = new Option<string?>("--unnorm-key") { Description = "checkpoint/grpc policies: dataset statistics to un-normalize with." };
         var command = new Command("eval", "Evaluate a policy in closed loop on the tabletop suite (success rates with 95% Wilson intervals).")
         {
-            suite, tasks, policy, trials, seed, workers, imageSize, settle, videoDir, videos, outDir, json, quantize, dtype,
+            suite, tasks, policy, trials, seed, workers, imageSize, settle, videoDir, videos, outDir, json, quantize, dtype, unnormKey,
         };
         command.SetAction(parse =>
         {
@@ -125,6 +126,8 @@ internal static class SimulationVerbs
             _ = load.Quantization; _ = load.ScalarType; // validate before starting workers
             Environment.SetEnvironmentVariable(PolicyBackends.QuantizeVariable, load.Quantize);
             Environment.SetEnvironmentVariable(PolicyBackends.DTypeVariable, load.DType);
+            Environment.SetEnvironmentVariable(PolicyBackends.UnnormKeyVariable, parse.GetValue(unnormKey));
+            RolloutPolicies.UnnormKey = parse.GetValue(unnormKey);
             var selected = ParseTasks(parse.GetValue(suite)!, parse.GetValue(tasks)!);
             int n = parse.GetValue(trials), w = parse.GetValue(workers), size = parse.GetValue(imageSize), settleSteps = parse.GetValue(settle);
             Check(n >= 1, $"--trials-per-task must be at least 1, got {n}");

@@ -19,7 +19,7 @@ public sealed record Rate(int Successes, int Trials, double Value, double Low, d
     }
 }
 
-public sealed record TaskResult(string Task, Rate Success, double MeanSteps, double MeanStepsSuccessful, int MaxSteps);
+public sealed record TaskResult(string Task, Rate Success, double MeanSteps, double? MeanStepsSuccessful, int MaxSteps); // null: no success to average
 
 public sealed record Latency(double MeanMs, double P50Ms, double P90Ms, double P99Ms, double MaxMs, long Steps);
 
@@ -41,7 +41,7 @@ public sealed record EvalReport(
             var mine = episodes.Where(e => e.TaskId == t.Id).ToList();
             var ok = mine.Where(e => e.Success).ToList();
             return new TaskResult(t.Id, Rate.Wilson(ok.Count, mine.Count), mine.Count == 0 ? 0 : mine.Average(e => e.Steps),
-                ok.Count == 0 ? double.NaN : ok.Average(e => e.Steps), t.MaxSteps);
+                ok.Count == 0 ? null : ok.Average(e => e.Steps), t.MaxSteps);
         }).ToList();
         var latencies = episodes.SelectMany(e => e.LatenciesMs).Order().ToArray();
         return new EvalReport("tabletop", policy, o.Seed, o.TrialsPerTask, o.ImageSize, o.SettleSteps, o.Workers, DateTime.UtcNow, seconds,
@@ -75,7 +75,7 @@ public sealed record EvalReport(
         s.AppendLine("| task | success | 95% CI (Wilson) | mean steps | mean steps (successes) | budget |");
         s.AppendLine("|---|---|---|---|---|---|");
         foreach (var t in Tasks)
-            s.AppendLine($"| {t.Task} | {t.Success.Successes}/{t.Success.Trials} = {P(t.Success.Value)}% | {P(t.Success.Low)}–{P(t.Success.High)}% | {F(t.MeanSteps)} | {F(t.MeanStepsSuccessful)} | {t.MaxSteps} |");
+            s.AppendLine($"| {t.Task} | {t.Success.Successes}/{t.Success.Trials} = {P(t.Success.Value)}% | {P(t.Success.Low)}–{P(t.Success.High)}% | {F(t.MeanSteps)} | {F(t.MeanStepsSuccessful ?? double.NaN)} | {t.MaxSteps} |");
         s.AppendLine($"| **overall** | **{Overall.Successes}/{Overall.Trials} = {P(Overall.Value)}%** | {P(Overall.Low)}–{P(Overall.High)}% | " +
                      $"{F(Episodes.Count == 0 ? double.NaN : Episodes.Average(e => e.Steps))} | | |");
         s.AppendLine();

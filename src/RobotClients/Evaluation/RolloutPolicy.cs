@@ -89,6 +89,9 @@ public static class RolloutPolicies
     /// <summary>Connects to a policy server (wired by the CLI to the gRPC robot client, which uses StreamActions).</summary>
     public static Func<string, int, IActionPolicy>? GrpcFactory { get; set; }
 
+    /// <summary>Which dataset statistics checkpoint and gRPC policies un-normalize with (null: the policy's only one).</summary>
+    public static string? UnnormKey { get; set; }
+
     public abstract record Spec(string Text);
     public sealed record Scripted() : Spec("scripted");
     public sealed record Checkpoint(string Directory) : Spec($"checkpoint:{Directory}");
@@ -140,8 +143,8 @@ public static class RolloutPolicies
         return spec switch
         {
             Scripted => new ScriptedRolloutPolicy(),
-            Checkpoint c => new ActionPolicyRolloutPolicy(CheckpointFactory!(c.Directory), spec.Text),
-            Grpc g => new ActionPolicyRolloutPolicy(GrpcFactory!(g.Host, g.Port), spec.Text),
+            Checkpoint c => new ActionPolicyRolloutPolicy(CheckpointFactory!(c.Directory), spec.Text, UnnormKey),
+            Grpc g => new ActionPolicyRolloutPolicy(GrpcFactory!(g.Host, g.Port), spec.Text, UnnormKey),
             _ => throw new ArgumentException($"unknown policy {spec.Text}"),
         };
     }
