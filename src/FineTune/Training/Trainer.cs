@@ -7,7 +7,6 @@ using OpenVLA.Policy.Model;
 using OpenVLA.Policy.Tokenization;
 using TorchSharp;
 using static TorchSharp.torch;
-using Parameter = TorchSharp.Modules.Parameter;
 
 namespace OpenVLA.FineTune.Training;
 
