@@ -12,10 +12,11 @@ internal sealed class ModelOptions
     public Option<bool> KeepVisionFloat { get; } = new("--keep-vision-float") { Description = "do not quantize the vision towers" };
     public Option<string> Device { get; } = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
     public Option<int?> Threads { get; } = new("--threads") { Description = "CPU threads (default: one per core)" };
+    public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT LoRA adapter directory (from finetune) merged into the checkpoint at load" };
 
     public void AddTo(Command command)
     {
-        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Device, Threads }) command.Options.Add(o);
+        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Device, Threads, Adapter }) command.Options.Add(o);
     }
 
     public PolicyOptions Read(ParseResult r, bool centerCrop = false)
@@ -24,6 +25,7 @@ internal sealed class ModelOptions
         {
             DType = r.GetValue(DType), Quantize = r.GetValue(Quantize)!, GroupSize = r.GetValue(GroupSize),
             QuantizeVision = !r.GetValue(KeepVisionFloat), Device = r.GetValue(Device)!, Threads = r.GetValue(Threads), CenterCrop = centerCrop,
+            Adapter = r.GetValue(Adapter),
         };
         if (options.Threads is <= 0) throw new UsageException("--threads must be positive");
         _ = options.ScalarType;   // validates --dtype

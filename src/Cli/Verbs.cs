@@ -8,6 +8,7 @@ internal static class Verbs
     public static IEnumerable<Command> All() =>
         PolicyVerbs.Create()
             .Concat(QuantizationVerbs.Create())
+            .Concat(FineTuneVerbs.Create())
             .Concat(BenchVerbs.Create())
             .Concat(DataVerbs.Create())
             .Concat(SimulationVerbs.Create());

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using OpenVLA.Policy.Checkpoint;
 using OpenVLA.Policy.Model;
 using OpenVLA.Policy.Preprocessing;
+using OpenVLA.Policy.Quantization;
 using OpenVLA.Policy.Tokenization;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -26,6 +27,9 @@ public sealed record PolicyOptions
     public bool CenterCrop { get; init; }
     /// <summary>Intra-op threads for CPU inference; null keeps TorchSharp's default (one per core).</summary>
     public int? Threads { get; init; }
+    /// <summary>A PEFT LoRA adapter directory (as `finetune` writes it) folded into the float base at load, before any
+    /// quantization; its dataset_statistics.json, when present, replaces the base's statistics.</summary>
+    public string? Adapter { get; init; }
 
     public Quantization.QuantizationOptions Quantization => OpenVLA.Policy.Quantization.QuantizationOptions.Parse(Quantize, GroupSize, QuantizeVision);
 
@@ -110,6 +114,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
                 RandomInit.Fill(model, seed, options.Quantization);
                 report = new LoadReport([], [], 0);
             }
+            else if (options.Adapter is string adapterDir) (report, checkpoint) = LoadWithAdapter(model, checkpoint, adapterDir, options.Quantization);
             else report = WeightLoader.Load(model, checkpoint, options.Quantization);
             model.eval();
             return new VlaPolicy(checkpoint, model, tokenizer, options, report, device);
@@ -119,6 +124,22 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             model.Dispose();
             throw;
         }
+    }
+
+    /// <summary>Float base, then the adapter merged in (W + (alpha/r)·B·A, rounded once to the model precision), then the
+    /// requested quantization of the merged weights — the same model `merge` followed by a quantized load gives.</summary>
+    static (LoadReport, VlaCheckpoint) LoadWithAdapter(OpenVlaModel model, VlaCheckpoint checkpoint, string adapterDir, QuantizationOptions quantization)
+    {
+        if (checkpoint.Config.StoredQuantization is not null)
+            throw new PolicyInputException($"{checkpoint.Directory} is pre-quantized; an adapter needs the float base (quantize with --quantize after merging)");
+        var report = WeightLoader.Load(model, checkpoint, QuantizationOptions.None);
+        PeftAdapter.Load(adapterDir, model);
+        PeftAdapter.MergeAll(model);
+        if (quantization.Mode != QuantMode.None)
+            foreach (var (name, module) in model.named_modules())
+                if (module is Linear lin && quantization.Covers(name + ".")) lin.Quantize(quantization);
+        var statsPath = Path.Combine(adapterDir, "dataset_statistics.json");
+        return (report, File.Exists(statsPath) ? checkpoint.WithNormStats(NormStats.Load(statsPath)) : checkpoint);
     }
 
     /// <summary>Resident bytes of weights per component (vision_backbone, projector, language_model).</summary>

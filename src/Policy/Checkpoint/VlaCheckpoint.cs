@@ -40,6 +40,10 @@ public sealed class VlaCheckpoint
         return new VlaCheckpoint(dir, config, stats, requireWeights ? FindWeightFiles(dir) : []);
     }
 
+    /// <summary>The same checkpoint with other action statistics (a LoRA adapter's dataset_statistics.json replaces the
+    /// base's, as it does next to a merged fine-tune).</summary>
+    public VlaCheckpoint WithNormStats(IReadOnlyDictionary<string, ActionStats> stats) => new(Directory, Config, stats, WeightFiles);
+
     static List<string> FindWeightFiles(string dir)
     {
         var single = Path.Combine(dir, "model.safetensors");

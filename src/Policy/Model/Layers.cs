@@ -30,6 +30,7 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public Linear? lora_B;
     double _loraScaling;
     double _loraDropout;
+    Generator? _dropoutGenerator;
     QuantizedWeight? _quantized;
 
     public Linear(int inFeatures, int outFeatures, bool hasBias, ModelPrecision p) : base(nameof(Linear))
@@ -69,16 +70,26 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
-        var y = _quantized is null ? F.linear(x, weight, bias) : _quantized.Forward(x, bias);
+        var y = _quantized is null ? F.linear(x, weight, bias)
+            // Training on a quantized base: the packed kernels have no derivative; this gives the input its gradient.
+            : x.requires_grad && torch.is_grad_enabled() ? QuantizedLinearFunction.Apply(x, _quantized, bias)
+            : _quantized.Forward(x, bias);
         if (lora_A is null || lora_B is null) return y;
         using var scope = NewDisposeScope();
         var h = x.to(ScalarType.Float32);
-        if (_loraDropout > 0 && training) h = F.dropout(h, _loraDropout, training: true);
+        if (_loraDropout > 0 && training)
+        {
+            // Inverted dropout as F.dropout, but drawn from the generator given to AttachLora rather than the
+            // process-wide one, so a training run's masks depend on its own seed alone.
+            var keep = torch.empty_like(h).bernoulli_(1 - _loraDropout, _dropoutGenerator);
+            h = h * keep / (1 - _loraDropout);
+        }
         var delta = lora_B.forward(lora_A.forward(h)) * _loraScaling;
         return (y + delta.to(y.dtype)).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Adds a trainable adapter of rank <paramref name="rank"/>; the base weight and bias stop requiring grad.</summary>
+    /// <summary>Adds a trainable adapter of rank <paramref name="rank"/>; the base weight and bias stop requiring grad.
+    /// <paramref name="generator"/> draws A's init and, in training mode, the dropout masks (null: the global generator).</summary>
     public void AttachLora(int rank, double alpha, double dropout, Generator? generator = null)
     {
         if (lora_A is not null) throw new InvalidOperationException("this layer already has a LoRA adapter");
@@ -100,6 +111,19 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         register_module("lora_B", b);
         _loraScaling = alpha / rank;
         _loraDropout = dropout;
+        _dropoutGenerator = generator;
+    }
+
+    /// <summary>The weight with the adapter folded in, W + (alpha/r)·B·A computed in float32 and rounded once to the
+    /// weight's dtype, as a new tensor (the layer is unchanged); a copy of W when there is no adapter.</summary>
+    public Tensor MergedWeight()
+    {
+        if (_quantized is not null) throw new InvalidOperationException("this layer's weight is quantized; load the base unquantized to merge or save it");
+        using var noGrad = torch.no_grad();
+        if (lora_A is null || lora_B is null) return weight.detach().clone();
+        using var scope = NewDisposeScope();
+        var delta = lora_B.weight.matmul(lora_A.weight) * _loraScaling;
+        return (weight.to(ScalarType.Float32) + delta).to(weight.dtype).MoveToOuterDisposeScope();
     }
 
     protected override void Dispose(bool disposing)
@@ -108,17 +132,14 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         base.Dispose(disposing);
     }
 
-    /// <summary>Folds the adapter into the base weight (W += (alpha/r)·B·A, computed in float32) and removes it.</summary>
+    /// <summary>Folds the adapter into the base weight (<see cref="MergedWeight"/>) and removes it.</summary>
     public void MergeLora()
     {
         if (lora_A is null || lora_B is null) return;
         if (_quantized is not null) throw new InvalidOperationException("merge LoRA into a float base, then quantize");
         using (torch.no_grad())
-        using (var scope = NewDisposeScope())
-        {
-            var delta = lora_B.weight.matmul(lora_A.weight) * _loraScaling;
-            weight.copy_((weight.to(ScalarType.Float32) + delta).to(weight.dtype));
-        }
+        using (var merged = MergedWeight())
+            weight.copy_(merged);
         lora_A.Dispose();
         lora_B.Dispose();
         lora_A = null;

@@ -293,19 +293,27 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </summary>
     public Tensor Forward(Tensor inputsEmbeds, Tensor? valid, Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null)
     {
-        using var scope = NewDisposeScope();
         long b = inputsEmbeds.shape[0], l = inputsEmbeds.shape[1];
         if (l > _c.MaxPositionEmbeddings) throw new PolicyInputException($"sequence of {l} tokens exceeds max_position_embeddings {_c.MaxPositionEmbeddings}");
         var device = inputsEmbeds.device;
-        var positions = arange(l, device: device).view(1, l).expand(b, l);
-        var (cos, sin) = _rope.Gather(positions);
+        // The rotary tables and the mask the layer closures capture belong to the caller's dispose scope, not this
+        // method's: a gradient-checkpointing runner re-runs the layers during backward, after this method has returned.
+        Tensor cos, sin;
         Tensor? mask = null;
-        if (valid is not null)
+        using (var tables = NewDisposeScope())
         {
-            var pos = arange(l, device: device);
-            var causal = pos.view(1, 1, 1, l).le(pos.view(1, 1, l, 1));
-            mask = (causal & valid.view(b, 1, 1, l)) | pos.view(1, 1, 1, l).eq(pos.view(1, 1, l, 1));
+            var positions = arange(l, device: device).view(1, l).expand(b, l);
+            (cos, sin) = _rope.Gather(positions);
+            cos.MoveToOuterDisposeScope();
+            sin.MoveToOuterDisposeScope();
+            if (valid is not null)
+            {
+                var pos = arange(l, device: device);
+                var causal = pos.view(1, 1, 1, l).le(pos.view(1, 1, l, 1));
+                mask = ((causal & valid.view(b, 1, 1, l)) | pos.view(1, 1, 1, l).eq(pos.view(1, 1, l, 1))).MoveToOuterDisposeScope();
+            }
         }
+        using var scope = NewDisposeScope();
         var x = inputsEmbeds;
         foreach (var layer in model.Layers)
         {

@@ -149,6 +149,13 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     public PatchEmbed patch_embed;
     public nn.Module<Tensor, Tensor> blocks;
     readonly VitConfig _config;
+    readonly VitBlock[] _blocks;
+
+    /// <summary>Wraps each block's forward when set (e.g. gradient checkpointing during training): receives the block,
+    /// its input and the plain run, returns the block output. Null runs the blocks directly.</summary>
+    public Func<VitBlock, Tensor, Func<Tensor, Tensor>, Tensor>? BlockRunner { get; set; }
+
+    public IReadOnlyList<VitBlock> Blocks => _blocks;
 
     public VisionTransformer(VitConfig c, ModelPrecision p) : base(nameof(VisionTransformer))
     {
@@ -157,7 +164,8 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         if (c.NumRegisterTokens > 0) reg_token = p.Empty(1, c.NumRegisterTokens, c.EmbedDim);
         pos_embed = p.Empty(1, c.NumPatches, c.EmbedDim);
         patch_embed = new PatchEmbed(c, p);
-        blocks = nn.Sequential(Enumerable.Range(0, c.FeatureBlockIndex + 1).Select(i => (i.ToString(), (nn.Module<Tensor, Tensor>)new VitBlock(c, p))).ToArray());
+        _blocks = Enumerable.Range(0, c.FeatureBlockIndex + 1).Select(_ => new VitBlock(c, p)).ToArray();
+        blocks = nn.Sequential(_blocks.Select((blk, i) => (i.ToString(), (nn.Module<Tensor, Tensor>)blk)).ToArray());
         RegisterComponents();
     }
 
@@ -171,7 +179,8 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         if (cls_token is not null) prefix.Add(cls_token.expand(b, -1, -1));
         if (reg_token is not null) prefix.Add(reg_token.expand(b, -1, -1));
         if (prefix.Count > 0) x = cat([.. prefix, x], 1);
-        x = blocks.forward(x);
+        if (BlockRunner is null) x = blocks.forward(x);
+        else foreach (var block in _blocks) x = BlockRunner(block, x, block.forward);
         return x.narrow(1, _config.NumPrefixTokens, _config.NumPatches).contiguous().MoveToOuterDisposeScope();
     }
 }

@@ -1,0 +1,68 @@
+using System.Text.Json.Nodes;
+using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Tests.FineTune;
+using TorchSharp;
+
+namespace OpenVLA.Tests.FineTune.Training;
+
+/// <summary>The `finetune` verb end to end on a LeRobot dataset written by the test: train, evaluate, save, resume, predict.</summary>
+public class FineTuneCommandTests
+{
+    [Fact]
+    public void FineTunesALeRobotDatasetAndThePolicyLoadsTheResult()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp["base"], "tiny", 3, torch.ScalarType.Float32);
+        TestDatasets.WriteLeRobot(tmp["data"], [8, 8, 8, 8, 8, 8]);
+        string[] common = ["finetune", "--base", tmp["base"], "--dataset", tmp["data"], "--out", tmp["run"], "--dtype", "f32",
+            "--lora-rank", "4", "--lr", "5e-3", "--batch-size", "4", "--eval-steps", "10", "--save-steps", "15", "--merge",
+            "--held-out-fraction", "0.34", "--shuffle-buffer", "64", "--threads", "1", "--json"];
+
+        var first = CliRunner.Run([.. common, "--max-steps", "15"]);
+        Assert.True(first.ExitCode == 0, first.Stderr);
+        var summary = JsonNode.Parse(first.Stdout)!;
+        string checkpoint = summary["checkpoint"]!.GetValue<string>();
+        Assert.EndsWith("step-0000015", checkpoint);
+        Assert.True(File.Exists(Path.Combine(checkpoint, "adapter", "adapter_model.safetensors")));
+        Assert.True(File.Exists(Path.Combine(tmp["run"], "metrics.png")));
+        Assert.True(File.Exists(Path.Combine(tmp["run"], "dataset_statistics.json")));
+        Assert.Contains("step 15/15", first.Stderr);
+
+        // Without --resume an existing run is refused; with it, training continues at step 16.
+        var refused = CliRunner.Run([.. common, "--max-steps", "30"]);
+        Assert.Equal(2, refused.ExitCode);
+        Assert.Contains("--resume", refused.Stderr);
+        var second = CliRunner.Run([.. common, "--max-steps", "30", "--resume"]);
+        Assert.True(second.ExitCode == 0, second.Stderr);
+        Assert.Contains("resumed from", second.Stderr);
+
+        var log = File.ReadAllLines(Path.Combine(tmp["run"], "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).ToList();
+        var train = log.Where(e => e["split"]!.GetValue<string>() == "train").Select(e => e["step"]!.GetValue<long>()).ToList();
+        Assert.Equal(Enumerable.Range(1, 30).Select(i => (long)i), train);
+        var evals = log.Where(e => e["split"]!.GetValue<string>() == "eval").ToList();
+        Assert.Equal([0L, 10, 15, 20, 30], evals.Select(e => e["step"]!.GetValue<long>()));
+        Assert.True(evals[^1]["loss"]!.GetValue<double>() < evals[0]["loss"]!.GetValue<double>(), "held-out loss did not improve");
+
+        // The merged checkpoint predicts with the dataset's statistics.
+        string merged = Path.Combine(JsonNode.Parse(second.Stdout)!["checkpoint"]!.GetValue<string>(), "model");
+        var frame = tmp["frame.png"];
+        OpenCvSharp.Cv2.ImWrite(frame, new OpenCvSharp.Mat(56, 56, OpenCvSharp.MatType.CV_8UC3, new OpenCvSharp.Scalar(40, 120, 200)));
+        var predict = CliRunner.Run("predict", "--checkpoint", merged, "--image", frame, "--instruction", "put the block 1 in the bowl", "--json");
+        Assert.True(predict.ExitCode == 0, predict.Stderr);
+        Assert.Equal(7, JsonNode.Parse(predict.Stdout)!["action"]!.AsArray().Count);
+    }
+
+    [Fact]
+    public void DryRunPrintsTheBudgetWithoutACheckpoint()
+    {
+        var r = CliRunner.Run("finetune", "--dry-run", "--preset", "openvla-7b", "--batch-size", "2", "--grad-checkpointing", "--json");
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var plan = JsonNode.Parse(r.Stdout)!;
+        Assert.True(plan["gradient_checkpointing"]!.GetValue<bool>());
+        Assert.InRange(plan["peak_bytes"]!.GetValue<long>(), 15L << 30, 24L << 30);
+
+        var bad = CliRunner.Run("finetune", "--dry-run", "--preset", "tiny", "--lora-rank", "0");
+        Assert.Equal(2, bad.ExitCode);
+        Assert.Contains("--lora-rank", bad.Stderr);
+    }
+}
