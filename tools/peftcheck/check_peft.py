@@ -49,6 +49,18 @@ for name, t in base.items():
         linears.add(".".join(mod_path))
 for name, t in base.items():
     parts = name.split(".")
+    if parts[-1] == "weight" and t.ndim == 4:  # the ViT patch embedding: a Conv2d with stride = kernel, as in timm
+        mod_path = parts[:-1]
+        bias = ".".join(mod_path + ["bias"])
+        conv = nn.Conv2d(t.shape[1], t.shape[0], t.shape[2], stride=t.shape[2], bias=bias in base)
+        with torch.no_grad():
+            conv.weight.copy_(t)
+            if bias in base:
+                conv.bias.copy_(base[bias])
+        child(root, mod_path[:-1]).add_module(mod_path[-1], conv)
+        linears.add(".".join(mod_path))
+for name, t in base.items():
+    parts = name.split(".")
     if ".".join(parts[:-1]) in linears:
         continue
     parent = child(root, parts[:-1])
