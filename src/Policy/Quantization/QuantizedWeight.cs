@@ -109,6 +109,9 @@ internal static class KernelChoice
     {
         if (Forced is bool f) return f;
         if (rows <= 8) return true; // decode steps: the packed GEMV reads 2–4× fewer bytes, never slower
+        // The CPU int4 layout is blocked (not plain nibbles), so dequantizing it costs a whole GEMM through the kernel
+        // (Dequantize multiplies the identity): int4 always takes the packed kernel.
+        if (w.Mode == QuantMode.Int4) return true;
         long bucket = 1L << (int)Math.Ceiling(Math.Log2(rows));
         return Choices.GetOrAdd((w.Mode, w.OutFeatures, w.InFeatures, w.GroupSize, bucket), _ => Measure(w, x2));
     }
