@@ -62,7 +62,7 @@ public static class MemoryPlanner
             bool quantizedLinear = t.Shape.Length == 2 && t.Name.EndsWith(".weight") && !t.Name.Contains("embed_tokens")
                 && quant.Covers(t.Name[..^".weight".Length] + ".");
             if (!quantizedLinear) return t.ElementCount * s;
-            return quant.ModeFor(t.Shape[1]) == QuantMode.Int8
+            return quant.ModeFor(t.Shape[0], t.Shape[1]) == QuantMode.Int8
                 ? t.ElementCount + 2 * t.Shape[0]
                 : t.ElementCount / 2 + 4 * t.Shape[0] * (t.Shape[1] / quant.GroupSize);
         }

@@ -49,7 +49,7 @@ public static class RandomInit
     static PortableQuantized RandomQuantized(long n, long k, QuantizationOptions options, Generator gen)
     {
         double std = 1 / Math.Sqrt(k);
-        if (options.ModeFor(k) == QuantMode.Int8)
+        if (options.ModeFor(n, k) == QuantMode.Int8)
         {
             // Uniform on [−127, 127] has std 127/√3.
             var q = randint(-127, 128, [n, k], dtype: ScalarType.Int8, generator: gen);

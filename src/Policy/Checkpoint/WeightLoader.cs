@@ -85,7 +85,7 @@ public static class WeightLoader
             return st.Load(name);
         }
         long n = lin.OutFeatures, k = lin.InFeatures;
-        if (q.ModeFor(k) == QuantMode.Int8)
+        if (q.ModeFor(n, k) == QuantMode.Int8)
             return new PortableQuantized(QuantMode.Int8, n, k, 0, Part(".weight", [n, k], "I8"), Part(".weight_scale", [n], "BF16"), null);
         long groups = k / q.GroupSize;
         return new PortableQuantized(QuantMode.Int4, n, k, q.GroupSize, Part(".weight", [n, k / 2], "U8"),

@@ -14,7 +14,8 @@ namespace OpenVLA.Policy.Model;
 public sealed record ModelPrecision(ScalarType DType, Device Device)
 {
     public static ModelPrecision Cpu(ScalarType dtype) => new(dtype, CPU);
-    internal Parameter Empty(params long[] shape) => new(torch.empty(shape, DType, Device), requires_grad: false);
+    // Detached from any dispose scope the caller may be in: parameters live as long as the model.
+    internal Parameter Empty(params long[] shape) => new(torch.empty(shape, DType, Device).DetachFromDisposeScope(), requires_grad: false);
 }
 
 /// <summary>
@@ -59,7 +60,7 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         _quantized?.Dispose();
         _quantized = q;
         var old = weight;
-        weight = new Parameter(torch.empty(0, old.dtype, old.device), requires_grad: false);
+        weight = new Parameter(torch.empty(0, old.dtype, old.device).DetachFromDisposeScope(), requires_grad: false);
         _internal_params.Remove("weight");
         old.Dispose();
     }

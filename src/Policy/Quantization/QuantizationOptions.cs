@@ -29,9 +29,11 @@ public sealed record QuantizationOptions(QuantMode Mode, int GroupSize = 128, bo
 
     public string Name => Mode switch { QuantMode.Int8 => "int8", QuantMode.Int4 => $"int4-g{GroupSize}", _ => "none" };
 
-    /// <summary>The scheme a layer of input width <paramref name="inFeatures"/> gets: int4 needs whole groups, so a layer whose
-    /// width the group size does not divide (SigLIP's fc2 reads 4304 = 16·269 features) is stored int8 instead.</summary>
-    public QuantMode ModeFor(long inFeatures) => Mode == QuantMode.Int4 && inFeatures % GroupSize != 0 ? QuantMode.Int8 : Mode;
+    /// <summary>The scheme a layer [out, in] gets: int4 needs whole groups and the CPU kernel needs out % 16 == 0, so a layer
+    /// the group size does not divide (SigLIP's fc2 reads 4304 = 16·269 features) or with another output count is stored
+    /// int8 instead.</summary>
+    public QuantMode ModeFor(long outFeatures, long inFeatures) =>
+        Mode == QuantMode.Int4 && (inFeatures % GroupSize != 0 || outFeatures % 16 != 0) ? QuantMode.Int8 : Mode;
 
     /// <summary>Whether the linear layer at this module path is quantized.</summary>
     public bool Covers(string modulePath) => Mode != QuantMode.None &&

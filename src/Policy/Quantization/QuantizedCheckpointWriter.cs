@@ -65,10 +65,10 @@ public static class QuantizedCheckpointWriter
                 PortableQuantized? cached = null;
                 PortableQuantized Quantized()
                 {
-                    if (cached is null) { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.ModeFor(k), options.GroupSize); }
+                    if (cached is null) { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.ModeFor(n, k), options.GroupSize); }
                     return cached;
                 }
-                if (options.ModeFor(k) == QuantMode.Int8)
+                if (options.ModeFor(n, k) == QuantMode.Int8)
                 {
                     entries.Add(new(info.Name, ScalarType.Int8, [n, k])); producers.Add(() => Quantized().Q);
                     entries.Add(new(b + ".weight_scale", ScalarType.BFloat16, [n])); producers.Add(() => Quantized().Scale);

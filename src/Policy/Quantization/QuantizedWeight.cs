@@ -35,7 +35,7 @@ public sealed class QuantizedWeight : IDisposable
     public static QuantizedWeight Quantize(Tensor weight, QuantizationOptions options)
     {
         using var scope = NewDisposeScope();
-        var parts = WeightQuantizer.Quantize(weight, options.ModeFor(weight.shape[1]), options.GroupSize);
+        var parts = WeightQuantizer.Quantize(weight, options.ModeFor(weight.shape[0], weight.shape[1]), options.GroupSize);
         return FromPortable(parts, weight.device);
     }
 
@@ -107,6 +107,9 @@ internal static class KernelChoice
 
     public static bool UsePacked(QuantizedWeight w, long rows, Tensor x2)
     {
+        // ATen's _weight_int8pack_mm reads past the rows when the input width is not a multiple of 16 and more than one
+        // row comes in (measured: K = 8, 24, 40, 90 crash the process with 17+ rows; 16, 32, 48, 64, 96 are fine).
+        if (w.Mode == QuantMode.Int8 && w.InFeatures % 16 != 0) return false;
         if (Forced is bool f) return f;
         if (rows <= 8) return true; // decode steps: the packed GEMV reads 2–4× fewer bytes, never slower
         // The CPU int4 layout is blocked (not plain nibbles), so dequantizing it costs a whole GEMM through the kernel

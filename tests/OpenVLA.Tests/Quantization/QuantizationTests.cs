@@ -214,10 +214,24 @@ public class QuantizationTests
     public void Int4LayerWhoseWidthTheGroupDoesNotDivideIsStoredInt8()
     {
         var options = QuantizationOptions.Parse("int4", 128);
-        Assert.Equal(QuantMode.Int8, options.ModeFor(4304)); // SigLIP So400m mlp.fc2 input width
-        Assert.Equal(QuantMode.Int4, options.ModeFor(4096));
+        Assert.Equal(QuantMode.Int8, options.ModeFor(1152, 4304)); // SigLIP So400m mlp.fc2 input width
+        Assert.Equal(QuantMode.Int4, options.ModeFor(4096, 4096));
         using var q = QuantizedWeight.Quantize(randn(16, 4304 / 4, generator: new Generator(1)).repeat(1, 4), options);
         Assert.Equal(QuantMode.Int8, q.Mode);
+    }
+
+    [Theory]
+    [InlineData("int8")]
+    [InlineData("int4")]
+    public void GoldenCheckpointWithWidthsNotMultipleOf16QuantizesAndPredicts(string mode)
+    {
+        // Widths 24, 36, 60, 90: the int8 kernel crashes the process on those with many rows, so they must take the
+        // dequantize path; int4 groups of 32 do not divide them either, so they fall back to int8.
+        using var policy = VlaPolicy.Load(TestPaths.Fixture("openvla-golden", "checkpoint"), new PolicyOptions { Quantize = mode, GroupSize = 32 });
+        var observations = GoldenModelTests.Cases().Select(c =>
+            new VlaObservation([GoldenModelTests.ReadPng(TestPaths.Fixture("openvla-golden", c.Image))], c.Instruction, c.UnnormKey)).ToList();
+        var batch = policy.PredictBatch(observations);
+        Assert.All(batch, p => Assert.Equal(7, p.ActionTokenIds.Length));
     }
 
     [Fact]
