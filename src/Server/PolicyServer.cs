@@ -63,7 +63,13 @@ public sealed class PolicyServer : IAsyncDisposable
         if (options.Problem() is { } problem) throw new ArgumentException(problem, nameof(options));
         var apiKeys = options.ApiKeyFile is null ? null : ApiKeys.FromFile(options.ApiKeyFile);
         var certificate = options.TlsCert is null ? null : LoadServerCertificate(options.TlsCert, options.TlsKey!);
-        var clientCa = options.TlsClientCa is null ? null : X509Certificate2.CreateFromPemFile(options.TlsClientCa);
+        X509Certificate2Collection? clientCa = null;
+        if (options.TlsClientCa is not null)
+        {
+            clientCa = [];
+            clientCa.ImportFromPemFile(options.TlsClientCa); // one CA or a bundle
+            if (clientCa.Count == 0) throw new ArgumentException($"--tls-client-ca {options.TlsClientCa} holds no PEM certificate");
+        }
         var grpcIp = ParseHost(options.Host, "--host");
         var metricsIp = ParseHost(options.MetricsHost, "--metrics-host");
 
@@ -223,7 +229,7 @@ public sealed class PolicyServer : IAsyncDisposable
         await app.DisposeAsync();
     }
 
-    static void ConfigureTls(HttpsConnectionAdapterOptions https, X509Certificate2 certificate, X509Certificate2? clientCa)
+    static void ConfigureTls(HttpsConnectionAdapterOptions https, X509Certificate2 certificate, X509Certificate2Collection? clientCa)
     {
         https.ServerCertificate = certificate;
         https.SslProtocols = System.Security.Authentication.SslProtocols.Tls12 | System.Security.Authentication.SslProtocols.Tls13;
@@ -233,7 +239,7 @@ public sealed class PolicyServer : IAsyncDisposable
         {
             using var chain = new X509Chain();
             chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
-            chain.ChainPolicy.CustomTrustStore.Add(clientCa);
+            chain.ChainPolicy.CustomTrustStore.AddRange(clientCa);
             chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
             return chain.Build(client);
         };
