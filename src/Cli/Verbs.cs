@@ -6,5 +6,6 @@ namespace OpenVLA.Cli;
 internal static class Verbs
 {
     public static IEnumerable<Command> All() =>
-        PolicyVerbs.Create();
+        PolicyVerbs.Create()
+            .Concat(ServerVerbs.Create());
 }

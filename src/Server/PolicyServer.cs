@@ -78,6 +78,7 @@ public sealed class PolicyServer : IAsyncDisposable
         if (configureLogging is not null) configureLogging(builder.Logging);
         else if (options.JsonLogs) builder.Logging.AddJsonConsole(o => o.IncludeScopes = false);
         else builder.Logging.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; });
+        builder.Services.Configure<Microsoft.Extensions.Logging.Console.ConsoleLoggerOptions>(c => c.LogToStandardErrorThreshold = LogLevel.Trace); // stdout is for results
         builder.Logging.AddFilter("Microsoft", LogLevel.Warning).AddFilter("Grpc", LogLevel.Warning);
         builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = options.ShutdownTimeout);
 
