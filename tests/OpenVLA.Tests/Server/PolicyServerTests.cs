@@ -114,7 +114,7 @@ public sealed class PolicyServerTests
         var replies = new List<StreamActionsResponse>();
         while (await call.ResponseStream.MoveNext()) replies.Add(call.ResponseStream.Current);
 
-        Assert.InRange(replies.Count, 2, 6);
+        Assert.InRange(replies.Count, 2, 10); // about one per 150 ms forward pass, not 20
         Assert.Equal((ulong)frames, replies[^1].Seq); // the robot's newest frame is always answered
         Assert.True(replies.Select(r => r.Seq).SequenceEqual(replies.Select(r => r.Seq).Order()));
         Assert.Equal(frames, replies.Count + replies.Sum(r => (int)r.Skipped)); // every frame is answered or counted

@@ -1,0 +1,73 @@
+using System.Diagnostics;
+
+namespace OpenVLA.Tests.Server;
+
+/// <summary>The command-line client and `serve`, run as the real executable against a test server.</summary>
+public sealed class CliTests
+{
+    static readonly string Cli = Path.Combine(AppContext.BaseDirectory, "openvla.dll");
+
+    [Fact]
+    public async Task Client_info_predict_and_stream_print_actions_and_latency()
+    {
+        await using var server = await TestServer.StartAsync(new DeterministicPolicy());
+        var dir = Directory.CreateTempSubdirectory("openvla-cli-").FullName;
+        try
+        {
+            for (int i = 0; i < 4; i++) File.WriteAllBytes(Path.Combine(dir, $"frame{i}.png"), TestServer.Encode(TestServer.Frame((byte)(i * 50)), ".png"));
+            var address = server.GrpcAddress.ToString();
+
+            var info = await RunAsync("client", "info", "--server", address);
+            var predict = await RunAsync("client", "predict", "--server", address, "--image", Path.Combine(dir, "frame1.png"),
+                "--unnorm-key", "bridge_orig", "--repeat", "3");
+            var stream = await RunAsync("client", "stream", "--server", address, "--images", dir, "--fps", "50", "--unnorm-key", "bridge_orig");
+            var bad = await RunAsync("client", "predict", "--server", address, "--image", Path.Combine(dir, "frame1.png"), "--unnorm-key", "nope");
+
+            Assert.True(info.Code == 0, info.Output);
+            Assert.Contains("model:         test/deterministic", info.Output);
+            Assert.True(predict.Code == 0, predict.Output);
+            Assert.Contains("action: [", predict.Output);
+            Assert.Contains("round trip: p50", predict.Output);
+            Assert.True(stream.Code == 0, stream.Output);
+            Assert.Contains("4 frames in", stream.Output);
+            Assert.Contains("p99", stream.Output);
+            Assert.Equal(2, bad.Code);
+            Assert.Contains("InvalidArgument: unknown unnorm_key 'nope'", bad.Output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public async Task Serve_refuses_with_one_line_when_it_cannot_load_a_policy()
+    {
+        var dir = Directory.CreateTempSubdirectory("openvla-ckpt-").FullName;
+        try
+        {
+            var missing = await RunAsync("serve", "--checkpoint", Path.Combine(dir, "absent"));
+            var result = await RunAsync("serve", "--checkpoint", dir, "--port", "0", "--metrics-port", "-1");
+            var badFlags = await RunAsync("serve", "--checkpoint", dir, "--max-batch", "0");
+
+            Assert.Equal(2, missing.Code);
+            Assert.Contains("--checkpoint: directory not found", missing.Output);
+            Assert.Equal(1, result.Code);
+            Assert.Contains("openvla: error: ", result.Output);
+            Assert.Equal(2, badFlags.Code);
+            Assert.Contains("--max-batch must be 1..1024, got 0", badFlags.Output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    static async Task<(int Code, string Output)> RunAsync(params string[] args)
+    {
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        start.ArgumentList.Add(Cli);
+        foreach (var a in args) start.ArgumentList.Add(a);
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        try { await process.WaitForExitAsync(timeout.Token); }
+        catch (OperationCanceledException) { process.Kill(entireProcessTree: true); throw new TimeoutException($"openvla {string.Join(' ', args)} ran past 60 s"); }
+        return (process.ExitCode, await stdout + await stderr);
+    }
+}
