@@ -1,12 +1,130 @@
 using System.CommandLine;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using OpenVLA.Policy;
+using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Preprocessing;
+using TorchSharp;
 
 namespace OpenVLA.Cli;
 
-/// <summary>predict, make-checkpoint: the verbs of the policy core.</summary>
+/// <summary>predict, make-checkpoint, demo: the verbs of the policy core.</summary>
 internal static class PolicyVerbs
 {
-    public static IEnumerable<Command> Create()
+    public static IEnumerable<Command> Create() => [Predict(), MakeCheckpoint(), Demo()];
+
+    static Command Predict()
     {
-        yield break;
+        var checkpoint = new Option<string>("--checkpoint") { Description = "Hugging Face OpenVLA checkpoint directory", Required = true };
+        var image = new Option<string>("--image") { Description = "camera frame (PNG or JPEG)", Required = true };
+        var instruction = new Option<string>("--instruction") { Description = "what the robot should do", Required = true };
+        var unnormKey = new Option<string?>("--unnorm-key") { Description = "dataset statistics to un-normalize with (required when the checkpoint has several)" };
+        var centerCrop = new Option<bool>("--center-crop") { Description = "center crop (area 0.9) for checkpoints trained with image augmentation" };
+        var dtype = new Option<string>("--dtype") { Description = "compute precision: f32 or bf16", DefaultValueFactory = _ => "f32" };
+        var device = new Option<string>("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
+        var threads = new Option<int?>("--threads") { Description = "CPU threads (default: one per core)" };
+        var json = new Option<bool>("--json") { Description = "print one JSON object" };
+        var cmd = new Command("predict", "Predict one action from a frame and an instruction, offline.")
+            { checkpoint, image, instruction, unnormKey, centerCrop, dtype, device, threads, json };
+        cmd.SetAction(r =>
+        {
+            var frame = ImageDecoder.Load(r.GetValue(image)!);
+            using var policy = VlaPolicy.Load(r.GetValue(checkpoint)!, new PolicyOptions
+            {
+                DType = r.GetValue(dtype)!, Device = r.GetValue(device)!, CenterCrop = r.GetValue(centerCrop), Threads = r.GetValue(threads),
+            });
+            var p = policy.Predict(new VlaObservation([frame], r.GetValue(instruction)!, r.GetValue(unnormKey)));
+            if (r.GetValue(json)) Console.WriteLine(PredictionJson(p).ToJsonString());
+            else
+            {
+                Console.WriteLine($"action ({p.UnnormKey}): [{string.Join(", ", p.Action.Select(v => v.ToString("0.#####")))}]");
+                Console.WriteLine($"tokens: [{string.Join(", ", p.ActionTokenIds)}]");
+                var t = p.Timings;
+                Console.WriteLine($"ms: preprocess {t.PreprocessMs:0.0}, vision {t.VisionMs:0.0}, prefill {t.PrefillMs:0.0}, decode {t.DecodeMs:0.0}, total {t.TotalMs:0.0}");
+            }
+            return CliExit.Ok;
+        });
+        return cmd;
+    }
+
+    /// <summary>The predict contract: one object with action, normalized_action, token ids, unnorm_key and timings_ms.</summary>
+    public static JsonObject PredictionJson(ActionPrediction p) => new()
+    {
+        ["action"] = new JsonArray(p.Action.Select(v => (JsonNode)v).ToArray()),
+        ["normalized_action"] = new JsonArray(p.NormalizedAction.Select(v => (JsonNode)v).ToArray()),
+        ["action_token_ids"] = new JsonArray(p.ActionTokenIds.Select(v => (JsonNode)v).ToArray()),
+        ["prompt_token_ids"] = new JsonArray(p.PromptTokenIds.Select(v => (JsonNode)v).ToArray()),
+        ["unnorm_key"] = p.UnnormKey,
+        ["timings_ms"] = new JsonObject
+        {
+            ["preprocess"] = Math.Round(p.Timings.PreprocessMs, 3), ["vision"] = Math.Round(p.Timings.VisionMs, 3),
+            ["prefill"] = Math.Round(p.Timings.PrefillMs, 3), ["decode"] = Math.Round(p.Timings.DecodeMs, 3),
+            ["total"] = Math.Round(p.Timings.TotalMs, 3),
+        },
+    };
+
+    static Command MakeCheckpoint()
+    {
+        var preset = new Option<string>("--preset") { Description = $"sizes: {string.Join(" | ", CheckpointPreset.Names)}", Required = true };
+        var outDir = new Option<string>("--out") { Description = "directory to write", Required = true };
+        var seed = new Option<int>("--seed") { Description = "random seed of the weights", DefaultValueFactory = _ => 0 };
+        var dtype = new Option<string>("--dtype") { Description = "stored precision: bf16 or f32", DefaultValueFactory = _ => "bf16" };
+        var shardMb = new Option<long>("--max-shard-mb") { Description = "shard size limit in MB (HF default 5000)", DefaultValueFactory = _ => 5000 };
+        var cmd = new Command("make-checkpoint", "Write a random-weight checkpoint in the Hugging Face OpenVLA layout.")
+            { preset, outDir, seed, dtype, shardMb };
+        cmd.SetAction(r =>
+        {
+            var type = r.GetValue(dtype) switch
+            {
+                "bf16" => torch.ScalarType.BFloat16,
+                "f32" => torch.ScalarType.Float32,
+                var other => throw new UsageException($"unknown --dtype '{other}' (valid: bf16, f32)"),
+            };
+            if (r.GetValue(shardMb) <= 0) throw new UsageException("--max-shard-mb must be positive");
+            var name = r.GetValue(preset)!;
+            CheckpointPreset.Get(name); // validates the name before anything is written
+            using var progress = new ConsoleProgress($"make-checkpoint {name}");
+            CheckpointMaker.Write(r.GetValue(outDir)!, name, r.GetValue(seed), type, r.GetValue(shardMb) * 1_000_000, progress);
+            Console.WriteLine(Path.GetFullPath(r.GetValue(outDir)!));
+            return CliExit.Ok;
+        });
+        return cmd;
+    }
+
+    static Command Demo()
+    {
+        var cmd = new Command("demo", "Make a mini random-weight checkpoint (once) and predict an action from a synthetic frame.");
+        cmd.SetAction(_ =>
+        {
+            var dir = Path.Combine(AppContext.BaseDirectory, "demo-checkpoint-mini");
+            if (!File.Exists(Path.Combine(dir, "config.json")) || !File.Exists(Path.Combine(dir, "model.safetensors")))
+            {
+                using var progress = new ConsoleProgress("demo: writing mini checkpoint");
+                CheckpointMaker.Write(dir, "mini", 0, torch.ScalarType.BFloat16, progress: progress);
+            }
+            using var policy = VlaPolicy.Load(dir);
+            var frame = SyntheticFrame(policy.Checkpoint.Config.ImageSize);
+            var p = policy.Predict(new VlaObservation([frame], "pick up the red cube", "sim_tabletop"));
+            Console.WriteLine($"checkpoint: {dir} (random weights, so the action is arbitrary)");
+            Console.WriteLine(PredictionJson(p).ToJsonString(new JsonSerializerOptions { WriteIndented = false }));
+            return CliExit.Ok;
+        });
+        return cmd;
+    }
+
+    /// <summary>A grey table with a red square: something to look at, not a real camera frame.</summary>
+    static RgbImage SyntheticFrame(int size)
+    {
+        var px = new byte[size * size * 3];
+        for (int y = 0; y < size; y++)
+            for (int x = 0; x < size; x++)
+            {
+                int i = (y * size + x) * 3;
+                bool cube = Math.Abs(x - size / 2) < size / 10 && Math.Abs(y - size * 2 / 3) < size / 10;
+                px[i] = (byte)(cube ? 200 : 120 + y * 60 / size);
+                px[i + 1] = (byte)(cube ? 30 : 110 + y * 60 / size);
+                px[i + 2] = (byte)(cube ? 30 : 100 + y * 60 / size);
+            }
+        return new RgbImage(size, size, px);
     }
 }

@@ -28,7 +28,7 @@ public sealed record ActionPrediction(
     StageTimings Timings);
 
 /// <summary>Dataset statistics used to un-normalize actions (the OpenVLA `norm_stats` entry of one dataset).</summary>
-public sealed record ActionStats(float[] Q01, float[] Q99, bool[] Mask, float[]? Mean = null, float[]? Std = null, float[]? Min = null, float[]? Max = null);
+public sealed record ActionStats(double[] Q01, double[] Q99, bool[] Mask, double[]? Mean = null, double[]? Std = null, double[]? Min = null, double[]? Max = null);
 
 /// <summary>What a client needs to know about a loaded policy.</summary>
 public sealed record PolicyDescription(

@@ -1,0 +1,214 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using OpenVLA.Policy.Tokenization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace OpenVLA.Policy.Checkpoint;
+
+/// <summary>Sizes of a generated checkpoint. `openvla-7b` is the published architecture.</summary>
+public sealed record CheckpointPreset(
+    string Name, int ImageSize, VitConfig? Dino, VitConfig? SigLip, LlamaConfig Text, int TokenizerVocab)
+{
+    public bool Published => Dino is null;
+
+    public static IReadOnlyList<string> Names => ["tiny", "mini", "openvla-7b"];
+
+    public static CheckpointPreset Get(string name) => name switch
+    {
+        // Unit-test size: runs in milliseconds.
+        "tiny" => new("tiny", 56,
+            new VitConfig(32, 3, 2, 64, 14, 56, 4, true, true, false),
+            new VitConfig(48, 3, 2, 96, 14, 56, 0, false, false, true),
+            Llama(hidden: 64, layers: 2, heads: 4, intermediate: 128, tokenizerVocab: 1024), 1024),
+        // The real geometry (224 px, 256 patches per tower, 7 action tokens) at a width a CPU runs in tens of ms.
+        "mini" => new("mini", 224,
+            new VitConfig(192, 6, 3, 768, 14, 224, 4, true, true, false),
+            new VitConfig(192, 6, 3, 768, 14, 224, 0, false, false, true),
+            Llama(hidden: 384, layers: 6, heads: 6, intermediate: 1024, tokenizerVocab: 1024), 1024),
+        // openvla-7b: published tower ids, Llama-2-7B, text_config with only the four serialised keys.
+        "openvla-7b" => new("openvla-7b", 224, null, null,
+            new LlamaConfig(32064, 4096, 11008, 32, 32, 32, 1e-6, 10000, 2048, 32000), 32000),
+        _ => throw new PolicyInputException($"unknown preset '{name}' (valid: {string.Join(", ", Names)})"),
+    };
+
+    static LlamaConfig Llama(int hidden, int layers, int heads, int intermediate, int tokenizerVocab) =>
+        new(VocabSize: (tokenizerVocab + 1 + 63) / 64 * 64, hidden, intermediate, layers, heads, heads, 1e-6, 10000, 2048, PadTokenId: tokenizerVocab);
+}
+
+/// <summary>
+/// Writes a checkpoint directory in exactly the Hugging Face OpenVLA layout with random weights: config.json (with
+/// norm_stats for two datasets), safetensors (sharded with an index when larger than the shard limit), the full key set
+/// including the tensors inference ignores, dataset_statistics.json, our own SentencePiece tokenizer.model,
+/// preprocessor_config.json and generation_config.json. Weights are generated one tensor at a time, so even the 7B
+/// preset needs memory for only its largest tensor.
+/// </summary>
+public static class CheckpointMaker
+{
+    public static VlaConfig Write(string dir, string presetName, int seed, ScalarType dtype, long maxShardBytes = 5_000_000_000,
+        IProgress<double>? progress = null)
+    {
+        var preset = CheckpointPreset.Get(presetName);
+        Directory.CreateDirectory(dir);
+        var configJson = ConfigJson(preset, dtype);
+        File.WriteAllText(Path.Combine(dir, "config.json"), configJson.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        var config = VlaConfig.Parse(configJson, "config.json");
+
+        File.WriteAllText(Path.Combine(dir, "dataset_statistics.json"), ExampleStats().ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        File.WriteAllText(Path.Combine(dir, "generation_config.json"),
+            new JsonObject { ["bos_token_id"] = 1, ["eos_token_id"] = 2, ["pad_token_id"] = config.Text.PadTokenId, ["transformers_version"] = "4.40.1" }.ToJsonString());
+        Preprocessing.PreprocessorConfig.CreateDefault(preset.ImageSize).Save(Path.Combine(dir, Preprocessing.PreprocessorConfig.FileName));
+        SentencePieceModelWriter.Write(Path.Combine(dir, "tokenizer.model"), preset.TokenizerVocab);
+        WriteWeights(dir, config, seed, dtype, maxShardBytes, progress);
+        return config;
+    }
+
+    static void WriteWeights(string dir, VlaConfig config, int seed, ScalarType dtype, long maxShardBytes, IProgress<double>? progress)
+    {
+        var specs = CheckpointLayout.Enumerate(config).ToList();
+        long elt = dtype == ScalarType.Float32 ? 4 : 2;
+        // Split into shards in layout order, each at most maxShardBytes (a tensor larger than the limit gets its own shard).
+        var shards = new List<List<TensorSpec>> { new() };
+        long current = 0;
+        foreach (var s in specs)
+        {
+            long bytes = s.ElementCount * elt;
+            if (shards[^1].Count > 0 && current + bytes > maxShardBytes) { shards.Add([]); current = 0; }
+            shards[^1].Add(s);
+            current += bytes;
+        }
+        foreach (var stale in Directory.EnumerateFiles(dir, "model*.safetensors*")) File.Delete(stale);
+        var gen = new Generator((ulong)seed);
+        long total = specs.Sum(s => s.ElementCount), done = 0;
+        var weightMap = new JsonObject();
+        var metadata = new Dictionary<string, string> { ["format"] = "pt" };
+        for (int i = 0; i < shards.Count; i++)
+        {
+            string file = shards.Count == 1 ? "model.safetensors" : $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
+            var shard = shards[i];
+            SafetensorsWriter.Write(Path.Combine(dir, file),
+                shard.Select(s => new SafetensorsWriter.Entry(s.Name, dtype, s.Shape)).ToList(),
+                k =>
+                {
+                    var t = RandomTensor(shard[k], dtype, gen);
+                    done += shard[k].ElementCount;
+                    progress?.Report((double)done / total);
+                    return t;
+                }, metadata);
+            foreach (var s in shard) weightMap[s.Name] = file;
+        }
+        if (shards.Count > 1)
+        {
+            var index = new JsonObject
+            {
+                ["metadata"] = new JsonObject { ["total_size"] = total * elt },
+                ["weight_map"] = weightMap,
+            };
+            File.WriteAllText(Path.Combine(dir, "model.safetensors.index.json"), index.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        }
+    }
+
+    /// <summary>Random values of a plausible scale: norms and layer scales near their usual init, linear weights with
+    /// std 1/√fan_in so activations stay O(1) through the depth, embeddings and position tables N(0, 0.5²).</summary>
+    static Tensor RandomTensor(TensorSpec s, ScalarType dtype, Generator gen)
+    {
+        using var scope = NewDisposeScope();
+        string n = s.Name;
+        Tensor t;
+        if (n.EndsWith("norm.weight") || n.EndsWith("norm1.weight") || n.EndsWith("norm2.weight") || n.EndsWith("layernorm.weight"))
+            t = 1 + 0.1 * randn(s.Shape, generator: gen);
+        else if (n.EndsWith("scale_factor"))
+            t = 0.1 + 0.05 * randn(s.Shape, generator: gen);
+        else if (n.EndsWith(".bias"))
+            t = 0.02 * randn(s.Shape, generator: gen);
+        else if (s.Shape.Length >= 2 && !n.EndsWith("embed_tokens.weight") && !n.Contains("pos_embed") && !n.EndsWith("_token") && !n.EndsWith("latent"))
+        {
+            long fanIn = s.Shape.Skip(1).Aggregate(1L, (a, b) => a * b);
+            t = randn(s.Shape, generator: gen) / Math.Sqrt(fanIn);
+        }
+        else
+            t = 0.5 * randn(s.Shape, generator: gen);
+        return t.to(dtype).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The config.json of a preset (OpenVLAConfig fields, our size extension for non-published presets).</summary>
+    public static JsonObject ConfigJson(CheckpointPreset p, ScalarType dtype)
+    {
+        string dt = dtype == ScalarType.Float32 ? "float32" : "bfloat16";
+        var text = new JsonObject
+        {
+            ["model_type"] = "llama", ["pad_token_id"] = p.Text.PadTokenId, ["torch_dtype"] = dt, ["vocab_size"] = p.Text.VocabSize,
+        };
+        var root = new JsonObject
+        {
+            ["architectures"] = new JsonArray("OpenVLAForActionPrediction"),
+            ["auto_map"] = new JsonObject
+            {
+                ["AutoConfig"] = "configuration_prismatic.OpenVLAConfig",
+                ["AutoModelForVision2Seq"] = "modeling_prismatic.OpenVLAForActionPrediction",
+            },
+            ["model_type"] = "openvla",
+            ["vision_backbone_id"] = "dinosiglip-vit-so-224px",
+            ["llm_backbone_id"] = "llama2-7b-pure",
+            ["hf_llm_id"] = "meta-llama/Llama-2-7b-hf",
+            ["arch_specifier"] = "no-align+fused-gelu-mlp",
+            ["use_fused_vision_backbone"] = true,
+            ["image_resize_strategy"] = "resize-naive",
+            ["image_sizes"] = new JsonArray(p.ImageSize, p.ImageSize),
+            ["timm_model_ids"] = new JsonArray("vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"),
+            ["timm_override_act_layers"] = new JsonArray(null, null),
+            ["llm_max_length"] = 2048,
+            ["pad_token_id"] = p.Text.PadTokenId,
+            ["pad_to_multiple_of"] = 64,
+            ["output_projector_states"] = false,
+            ["n_action_bins"] = 256,
+            ["norm_stats"] = ExampleStats(),
+            ["text_config"] = text,
+            ["torch_dtype"] = dt,
+            ["transformers_version"] = "4.40.1",
+        };
+        if (!p.Published)
+        {
+            // Our documented extension for non-published sizes: Llama keys inside text_config, tower sizes in
+            // vision_backbone_configs (one object per timm id, in order).
+            text["hidden_size"] = p.Text.HiddenSize;
+            text["intermediate_size"] = p.Text.IntermediateSize;
+            text["num_hidden_layers"] = p.Text.NumHiddenLayers;
+            text["num_attention_heads"] = p.Text.NumAttentionHeads;
+            text["num_key_value_heads"] = p.Text.NumKeyValueHeads;
+            text["rms_norm_eps"] = p.Text.RmsNormEps;
+            text["rope_theta"] = p.Text.RopeTheta;
+            text["max_position_embeddings"] = p.Text.MaxPositionEmbeddings;
+            root["vision_backbone_configs"] = new JsonArray(TowerJson(p.Dino!), TowerJson(p.SigLip!));
+        }
+        return root;
+    }
+
+    static JsonObject TowerJson(VitConfig v) => new()
+    {
+        ["embed_dim"] = v.EmbedDim, ["depth"] = v.Depth, ["num_heads"] = v.NumHeads, ["mlp_hidden_dim"] = v.MlpHiddenDim,
+        ["num_register_tokens"] = v.NumRegisterTokens, ["class_token"] = v.ClassToken, ["layer_scale"] = v.LayerScale,
+        ["patch_size"] = v.PatchSize, ["image_size"] = v.ImageSize, ["attn_pool"] = v.AttnPool,
+    };
+
+    /// <summary>Statistics for two datasets: `bridge_orig` with the published openvla-7b q01/q99 (openvla-model.md §3.4)
+    /// and `sim_tabletop`, a symmetric ±2 cm / ±0.1 rad range; both leave the gripper un-normalized.</summary>
+    public static JsonObject ExampleStats()
+    {
+        bool[] mask = [true, true, true, true, true, true, false];
+        var bridge = new ActionStats(
+            [-0.02873, -0.04170, -0.02609, -0.08092, -0.09289, -0.20718, 0.0],
+            [0.02831, 0.04086, 0.04016, 0.08192, 0.07793, 0.20383, 1.0], mask,
+            Mean: [0.0002, 0.0001, -0.0001, 0.0001, -0.0002, 0.0002, 0.58], Std: [0.0097, 0.0137, 0.0126, 0.0283, 0.0307, 0.0769, 0.49],
+            Min: [-0.04, -0.06, -0.04, -0.11, -0.13, -0.29, 0.0], Max: [0.04, 0.06, 0.05, 0.11, 0.11, 0.29, 1.0]);
+        var sim = new ActionStats(
+            [-0.02, -0.02, -0.02, -0.1, -0.1, -0.1, 0.0], [0.02, 0.02, 0.02, 0.1, 0.1, 0.1, 1.0], mask,
+            Mean: [0, 0, 0, 0, 0, 0, 0.5], Std: [0.01, 0.01, 0.01, 0.05, 0.05, 0.05, 0.5],
+            Min: [-0.025, -0.025, -0.025, -0.12, -0.12, -0.12, 0.0], Max: [0.025, 0.025, 0.025, 0.12, 0.12, 0.12, 1.0]);
+        return new JsonObject
+        {
+            ["bridge_orig"] = NormStats.ToJson(bridge, 2135463, 60064),
+            ["sim_tabletop"] = NormStats.ToJson(sim, 10000, 100),
+        };
+    }
+}

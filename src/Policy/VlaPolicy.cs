@@ -1,0 +1,201 @@
+using System.Diagnostics;
+using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Model;
+using OpenVLA.Policy.Preprocessing;
+using OpenVLA.Policy.Tokenization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace OpenVLA.Policy;
+
+/// <summary>How to load a policy. Device is a TorchSharp device string ("cpu", "cuda", "cuda:1"): with the
+/// TorchSharp-cuda-linux package referenced instead of TorchSharp-cpu, "cuda" runs on the GPU with no other change.</summary>
+public sealed record PolicyOptions
+{
+    public string Device { get; init; } = "cpu";
+    /// <summary>Compute and weight precision: "f32" or "bf16".</summary>
+    public string DType { get; init; } = "f32";
+    /// <summary>Evaluation-time center crop (area 0.9, resized back) for checkpoints trained with image augmentation.</summary>
+    public bool CenterCrop { get; init; }
+    /// <summary>Intra-op threads for CPU inference; null keeps TorchSharp's default (one per core).</summary>
+    public int? Threads { get; init; }
+
+    public ScalarType ScalarType => DType switch
+    {
+        "f32" or "float32" => ScalarType.Float32,
+        "bf16" or "bfloat16" => ScalarType.BFloat16,
+        _ => throw new PolicyInputException($"unknown dtype '{DType}' (valid: f32, bf16)"),
+    };
+}
+
+/// <summary>
+/// An OpenVLA policy loaded from a Hugging Face checkpoint directory: frame(s) + instruction → 7-D action, following the
+/// reference predict_action (openvla-model.md §3.2): prompt with the lone "▁" appended, image tokens right after BOS,
+/// greedy decoding of action_dim tokens with a KV cache, bin-centre de-tokenization, q01/q99 un-normalization.
+/// Several observations run as one batch: prompts are left-padded so all rows decode in lock-step.
+/// </summary>
+public sealed class VlaPolicy : IActionPolicy, IDisposable
+{
+    readonly object _gate = new();
+    readonly ImagePreprocessor _preprocessor;
+
+    public VlaCheckpoint Checkpoint { get; }
+    public OpenVlaModel Model { get; }
+    public VlaTokenizer Tokenizer { get; }
+    public ActionTokenizer ActionTokenizer { get; }
+    public PolicyOptions Options { get; }
+    public LoadReport LoadReport { get; }
+    public PolicyDescription Description { get; }
+    public Device Device { get; }
+
+    VlaPolicy(VlaCheckpoint checkpoint, OpenVlaModel model, VlaTokenizer tokenizer, PolicyOptions options, LoadReport report, Device device)
+    {
+        Checkpoint = checkpoint; Model = model; Tokenizer = tokenizer; Options = options; LoadReport = report; Device = device;
+        ActionTokenizer = new ActionTokenizer(checkpoint.Config.TokenizerVocabSize, checkpoint.Config.NActionBins);
+        _preprocessor = new ImagePreprocessor(File.Exists(checkpoint.PreprocessorConfigPath)
+            ? PreprocessorConfig.Load(checkpoint.PreprocessorConfigPath)
+            : PreprocessorConfig.CreateDefault(checkpoint.Config.ImageSize));
+        var (h, w) = _preprocessor.Config.OutputSize;
+        if (h != checkpoint.Config.ImageSize || w != checkpoint.Config.ImageSize)
+            throw new CheckpointException($"{checkpoint.PreprocessorConfigPath}: output size {h}x{w} differs from config.json image_sizes {checkpoint.Config.ImageSize}");
+        Description = new PolicyDescription(
+            ModelId: Path.GetFileName(Path.GetFullPath(checkpoint.Directory).TrimEnd('/')),
+            Architecture: "OpenVLAForActionPrediction",
+            ActionDim: checkpoint.NormStats.Values.FirstOrDefault()?.Q01.Length ?? 7,
+            ImageSize: checkpoint.Config.ImageSize,
+            ImagesPerObservation: 1,
+            ResizeStrategy: checkpoint.Config.ImageResizeStrategy,
+            Precision: options.DType,
+            Quantization: "none",
+            UnnormStats: checkpoint.NormStats);
+    }
+
+    public static VlaPolicy Load(string checkpointDir, PolicyOptions? options = null)
+    {
+        options ??= new PolicyOptions();
+        if (options.Threads is int n) torch.set_num_threads(n);
+        var checkpoint = VlaCheckpoint.Open(checkpointDir);
+        var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
+        if (tokenizer.VocabSize != checkpoint.Config.TokenizerVocabSize)
+            throw new CheckpointException($"{checkpointDir}: tokenizer.model has {tokenizer.VocabSize} pieces but config.json implies {checkpoint.Config.TokenizerVocabSize} (text vocab_size − pad_to_multiple_of)");
+        Device device;
+        try { device = torch.device(options.Device); }
+        catch (Exception e) { throw new PolicyInputException($"unknown device '{options.Device}' ({e.Message.ReplaceLineEndings(" ")})"); }
+        var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(options.ScalarType, device));
+        try
+        {
+            var report = WeightLoader.Load(model, checkpoint);
+            model.eval();
+            return new VlaPolicy(checkpoint, model, tokenizer, options, report, device);
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    public ActionPrediction Predict(VlaObservation observation) => PredictBatch([observation])[0];
+
+    public IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
+    {
+        if (observations.Count == 0) return [];
+        // Validate everything before any compute, so one bad observation fails fast with its own message.
+        var keys = observations.Select(o => Checkpoint.ResolveUnnormKey(o.UnnormKey)).ToArray();
+        var prompts = observations.Select(o => Tokenizer.PromptIds(o.Instruction)).ToArray();
+        int actionDim = Checkpoint.NormStats[keys[0]].Q01.Length;
+        if (keys.Any(k => Checkpoint.NormStats[k].Q01.Length != actionDim))
+            throw new PolicyInputException("observations of one batch must use statistics with the same action dimension");
+        foreach (var o in observations)
+            if (o.Images.Count != 1) throw new PolicyInputException($"the model takes 1 image per observation, got {o.Images.Count}");
+
+        lock (_gate)
+        {
+            using var inference = torch.inference_mode();
+            using var scope = NewDisposeScope();
+            var total = Stopwatch.StartNew();
+            var sw = Stopwatch.StartNew();
+            var pixels = _preprocessor.PreprocessBatch(observations.Select(o => o.Images[0]).ToList(), Options.CenterCrop, Device, Options.ScalarType);
+            double preprocessMs = Lap(sw);
+
+            var patches = Model.EncodeImages(pixels);
+            SyncDevice();
+            double visionMs = Lap(sw);
+            cancellationToken.ThrowIfCancellationRequested();
+
+            var (tokens, prefillMs, decodeMs) = Generate(patches, prompts, actionDim);
+            var timings = new StageTimings(preprocessMs, visionMs, prefillMs, decodeMs, total.Elapsed.TotalMilliseconds);
+
+            var results = new ActionPrediction[observations.Count];
+            for (int b = 0; b < results.Length; b++)
+            {
+                var normalized = tokens[b].Select(id => ActionTokenizer.Decode(id)).ToArray();
+                var action = ActionNormalizer.Unnormalize(normalized, Checkpoint.NormStats[keys[b]]);
+                results[b] = new ActionPrediction(action, normalized.Select(v => (float)v).ToArray(), tokens[b], prompts[b], keys[b], timings);
+            }
+            return results;
+        }
+    }
+
+    /// <summary>Prefill [BOS, image tokens, prompt…] for every row (left-padded to a common length), then greedy decoding.</summary>
+    (int[][] Tokens, double PrefillMs, double DecodeMs) Generate(Tensor patches, int[][] prompts, int steps)
+    {
+        var lm = Model.language_model;
+        int batch = prompts.Length, numPatches = (int)patches.shape[1];
+        int[] lengths = prompts.Select(p => p.Length + numPatches).ToArray();
+        int maxLen = lengths.Max();
+        long[] pads = lengths.Select(l => (long)(maxLen - l)).ToArray();
+        var sw = Stopwatch.StartNew();
+
+        var rows = new List<Tensor>();
+        for (int b = 0; b < batch; b++)
+        {
+            var ids = tensor(prompts[b].Select(i => (long)i).ToArray(), device: Device).view(1, -1);
+            var emb = lm.Embed(ids);                                       // [1, T, H]
+            var parts = new List<Tensor>();
+            if (pads[b] > 0) parts.Add(zeros([1, pads[b], emb.shape[2]], emb.dtype, Device));
+            parts.Add(emb.narrow(1, 0, 1));                                // BOS
+            parts.Add(patches.narrow(0, b, 1));                            // image tokens right after BOS
+            parts.Add(emb.narrow(1, 1, emb.shape[1] - 1));                 // the rest of the prompt
+            rows.Add(cat(parts, 1));
+        }
+        var inputs = cat(rows, 0);
+        using var cache = lm.NewCache(batch, maxLen + steps, pads);
+        var hidden = lm.Step(inputs, cache);
+        var next = lm.Logits(hidden.narrow(1, maxLen - 1, 1)).argmax(-1);   // [B, 1]
+        var tokens = new int[batch][];
+        for (int b = 0; b < batch; b++) tokens[b] = new int[steps];
+        Record(next, tokens, 0);
+        double prefillMs = Lap(sw);
+        for (int s = 1; s < steps; s++)
+        {
+            using var stepScope = NewDisposeScope();
+            var h = lm.Step(lm.Embed(next), cache);
+            var n = lm.Logits(h).argmax(-1);
+            Record(n, tokens, s);
+            next = n.MoveToOuterDisposeScope();
+        }
+        double decodeMs = Lap(sw);
+        return (tokens, prefillMs, decodeMs);
+    }
+
+    static void Record(Tensor next, int[][] tokens, int step)
+    {
+        var ids = next.cpu().data<long>().ToArray();
+        for (int b = 0; b < tokens.Length; b++) tokens[b][step] = (int)ids[b];
+    }
+
+    void SyncDevice()
+    {
+        if (Device.type == DeviceType.CUDA) torch.cuda.synchronize(Device);
+    }
+
+    static double Lap(Stopwatch sw)
+    {
+        double ms = sw.Elapsed.TotalMilliseconds;
+        sw.Restart();
+        return ms;
+    }
+
+    public void Dispose() => Model.Dispose();
+}
