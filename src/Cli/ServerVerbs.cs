@@ -15,13 +15,16 @@ namespace OpenVLA.Cli;
 /// <summary>serve, client info|predict|stream, bench-server: the policy server and the command-line robot client.</summary>
 internal static class ServerVerbs
 {
-    /// <summary>
-    /// How `serve` and `bench-server` get the policy from --checkpoint/--quantize/--device. The policy core's
-    /// VlaPolicy.Load is wired in here when it lands; until then these verbs refuse to start instead of serving anything.
-    /// </summary>
-    internal static IActionPolicy LoadPolicy(ServeOptions options, CancellationToken cancellationToken) =>
-        throw new InvalidOperationException(
-            $"this build has no model loader yet (VlaPolicy.Load from the policy core is not wired into `serve`); cannot load {options.Checkpoint}");
+    /// <summary>How `serve` and `bench-server` get the policy: the policy core's loader with the serve options.</summary>
+    internal static IActionPolicy LoadPolicy(ServeOptions options, CancellationToken cancellationToken)
+    {
+        if (options.Quantize != "none")
+            throw new UsageException($"--quantize {options.Quantize}: quantized loading is not available in this build (use none)");
+        return VlaPolicy.Load(options.Checkpoint, new PolicyOptions
+        {
+            Device = options.Device, DType = options.DType, CenterCrop = options.CenterCrop, Threads = options.Threads,
+        });
+    }
 
     public static IEnumerable<Command> Create()
     {
@@ -34,7 +37,10 @@ internal static class ServerVerbs
 
     static readonly Option<string> Checkpoint = new("--checkpoint") { Description = "checkpoint directory to serve", Required = true };
     static readonly Option<string> Quantize = new("--quantize") { Description = "weight quantization (none, int8, nf4)", DefaultValueFactory = _ => "none" };
-    static readonly Option<string> Device = new("--device") { Description = "device to run the model on", DefaultValueFactory = _ => "cpu" };
+    static readonly Option<string> Device = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
+    static readonly Option<string> DType = new("--dtype") { Description = "compute precision: f32 or bf16", DefaultValueFactory = _ => "f32" };
+    static readonly Option<bool> CenterCrop = new("--center-crop") { Description = "center crop (area 0.9) for checkpoints trained with image augmentation" };
+    static readonly Option<int?> Threads = new("--threads") { Description = "CPU threads for the model (default: one per core)" };
 
     static Command Serve()
     {
@@ -54,7 +60,7 @@ internal static class ServerVerbs
         var jsonLogs = new Option<bool>("--json-logs") { Description = "structured JSON log lines on stderr" };
         var command = new Command("serve", "Serve a policy over gRPC (openvla.v1) to robots, with dynamic batching across robots.")
         {
-            Checkpoint, Quantize, Device, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide,
+            Checkpoint, Quantize, Device, DType, CenterCrop, Threads, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide,
             apiKeyFile, tlsCert, tlsKey, tlsClientCa, jsonLogs,
         };
         command.SetAction(async (parse, cancellationToken) =>
@@ -62,6 +68,7 @@ internal static class ServerVerbs
             var options = new ServeOptions
             {
                 Checkpoint = parse.GetValue(Checkpoint)!, Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
+                DType = parse.GetValue(DType)!, CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
                 Host = parse.GetValue(host)!, Port = parse.GetValue(port),
                 MetricsHost = parse.GetValue(metricsHost)!, MetricsPort = parse.GetValue(metricsPort) is var m && m < 0 ? null : m,
                 MaxBatch = parse.GetValue(maxBatch), MaxQueueDelayMs = parse.GetValue(maxDelay), MaxQueue = parse.GetValue(maxQueue),
@@ -366,7 +373,7 @@ internal static class ServerVerbs
         var command = new Command("bench-server",
             "Load benchmark (not a test): N simulated robots stream 224x224 JPEG frames to a loopback server; prints actions/s, latency, overhead, batching gain.")
         {
-            Checkpoint, Quantize, Device, robots, duration, warmup, fps, repeats, maxBatch, Json,
+            Checkpoint, Quantize, Device, DType, CenterCrop, Threads, robots, duration, warmup, fps, repeats, maxBatch, Json,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -384,7 +391,11 @@ internal static class ServerVerbs
                 throw new UsageException("--warmup-s >= 0, --fps in (0, 1000], --repeats 1..20, --max-batch 1..1024");
             var checkpoint = parse.GetValue(Checkpoint)!;
             if (!Directory.Exists(checkpoint)) throw new UsageException($"--checkpoint: directory not found: {checkpoint}");
-            var serve = new ServeOptions { Checkpoint = checkpoint, Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)! };
+            var serve = new ServeOptions
+            {
+                Checkpoint = checkpoint, Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
+                DType = parse.GetValue(DType)!, CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
+            };
             Console.Error.WriteLine($"openvla: loading {checkpoint}");
             var policy = LoadPolicy(serve, cancellationToken);
             try

@@ -46,7 +46,7 @@ internal sealed class ContractMapping
         var images = new RgbImage[observation.Images.Count];
         for (int i = 0; i < images.Length; i++)
         {
-            try { images[i] = ImageDecoder.Decode(observation.Images[i], options.MaxImageSide); }
+            try { images[i] = FrameDecoder.Decode(observation.Images[i], options.MaxImageSide); }
             catch (InvalidObservationException e) when (images.Length > 1) { throw Invalid($"image {i}: {e.Message}"); }
         }
         var decodeMs = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;
@@ -121,16 +121,16 @@ internal sealed class ContractMapping
         return info;
     }
 
-    /// <summary>SHA-256 of q01, q99 (little-endian float32) and mask (one byte each), as documented in policy.proto.</summary>
+    /// <summary>SHA-256 of q01, q99 (little-endian float64) and mask (one byte each), as documented in policy.proto.</summary>
     internal static string StatsHash(ActionStats stats)
     {
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        Span<byte> four = stackalloc byte[4];
+        Span<byte> eight = stackalloc byte[8];
         foreach (var values in new[] { stats.Q01, stats.Q99 })
             foreach (var v in values)
             {
-                System.Buffers.Binary.BinaryPrimitives.WriteSingleLittleEndian(four, v);
-                hash.AppendData(four);
+                System.Buffers.Binary.BinaryPrimitives.WriteDoubleLittleEndian(eight, v);
+                hash.AppendData(eight);
             }
         foreach (var m in stats.Mask) hash.AppendData([(byte)(m ? 1 : 0)]);
         return Convert.ToHexStringLower(hash.GetHashAndReset());

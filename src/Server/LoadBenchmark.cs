@@ -209,5 +209,5 @@ public static class LoadBenchmark
     }
 
     static RgbImage DecodeJpeg(byte[] jpeg) =>
-        ImageDecoder.Decode(new Image { Encoding = ImageEncoding.Jpeg, Data = ByteString.CopyFrom(jpeg) }, 4096);
+        FrameDecoder.Decode(new Image { Encoding = ImageEncoding.Jpeg, Data = ByteString.CopyFrom(jpeg) }, 4096);
 }

@@ -7,6 +7,9 @@ public sealed record ServeOptions
     public string Checkpoint { get; init; } = "";
     public string Quantize { get; init; } = "none";
     public string Device { get; init; } = "cpu";
+    public string DType { get; init; } = "f32";
+    public bool CenterCrop { get; init; }
+    public int? Threads { get; init; }
 
     /// <summary>Address and port of the gRPC endpoint (HTTP/2 only). 127.0.0.1 unless the operator says otherwise; port 0 picks a free one.</summary>
     public string Host { get; init; } = "127.0.0.1";

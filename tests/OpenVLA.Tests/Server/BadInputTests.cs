@@ -32,7 +32,7 @@ public sealed class BadInputTests : IAsyncLifetime
         { "truncated JPEG", () => TestServer.WithImage(TestServer.EncodedImage(Jpeg[..(Jpeg.Length / 2)], ImageEncoding.Jpeg)), "JPEG image is truncated" },
         { "PNG bytes labelled JPEG", () => TestServer.WithImage(TestServer.EncodedImage(Png, ImageEncoding.Jpeg)), "does not start with a JPEG marker" },
         { "truncated PNG", () => TestServer.WithImage(TestServer.EncodedImage(Png[..(Png.Length - 20)], ImageEncoding.Png)), "PNG image is truncated" },
-        { "corrupt PNG data", () => TestServer.WithImage(TestServer.EncodedImage(CorruptMiddle(Png), ImageEncoding.Png)), "PNG image is corrupt" },
+        { "corrupt PNG data", () => TestServer.WithImage(TestServer.EncodedImage(CorruptMiddle(Png), ImageEncoding.Png)), "corrupt or truncated PNG image" },
         { "empty JPEG", () => TestServer.WithImage(TestServer.EncodedImage([], ImageEncoding.Jpeg)), "JPEG image has no bytes" },
         { "JPEG header claiming 60000x60000", () => TestServer.WithImage(TestServer.EncodedImage(HugeJpegHeader(), ImageEncoding.Jpeg)), "exceeds the server's limit of 1024" },
         { "raw size not width*height*3", () => TestServer.WithImage(Raw(32, 24, 32 * 24 * 3 - 1)), "needs 2304 bytes, got 2303" },

@@ -38,23 +38,58 @@ public sealed class CliTests
     }
 
     [Fact]
-    public async Task Serve_refuses_with_one_line_when_it_cannot_load_a_policy()
+    public async Task Serve_refuses_with_one_line_what_it_cannot_serve()
     {
         var dir = Directory.CreateTempSubdirectory("openvla-ckpt-").FullName;
         try
         {
             var missing = await RunAsync("serve", "--checkpoint", Path.Combine(dir, "absent"));
-            var result = await RunAsync("serve", "--checkpoint", dir, "--port", "0", "--metrics-port", "-1");
+            var notACheckpoint = await RunAsync("serve", "--checkpoint", dir, "--port", "0", "--metrics-port", "-1");
             var badFlags = await RunAsync("serve", "--checkpoint", dir, "--max-batch", "0");
 
             Assert.Equal(2, missing.Code);
-            Assert.Contains("--checkpoint: directory not found", missing.Output);
-            Assert.Equal(1, result.Code);
-            Assert.Contains("openvla: error: ", result.Output);
+            Assert.Contains("openvla: --checkpoint: directory not found", missing.Output);
+            Assert.Equal(2, notACheckpoint.Code);
+            Assert.Contains("config.json is missing", notACheckpoint.Output);
             Assert.Equal(2, badFlags.Code);
             Assert.Contains("--max-batch must be 1..1024, got 0", badFlags.Output);
         }
         finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public async Task Serve_serves_a_checkpoint_until_SIGTERM_then_stops_cleanly()
+    {
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { Cli, "serve", "--checkpoint", TestPaths.Fixture("openvla-golden", "checkpoint"), "--port", "0", "--metrics-port", "-1" })
+            start.ArgumentList.Add(a);
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var log = new System.Text.StringBuilder();
+        string? address = null;
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        try
+        {
+            while (address is null && await process.StandardError.ReadLineAsync(timeout.Token) is { } line)
+            {
+                log.AppendLine(line);
+                if (line.StartsWith("openvla: serving on ")) address = line["openvla: serving on ".Length..].Split(' ')[0];
+            }
+            Assert.True(address is not null, log.ToString());
+            var stderrRest = process.StandardError.ReadToEndAsync();
+
+            var predict = await RunAsync("client", "predict", "--server", address!, "--image", TestPaths.Fixture("openvla-golden", "image0.png"),
+                "--instruction", "Pick up the red cube", "--unnorm-key", "sim_alpha", "--json");
+            Process.Start("kill", ["-TERM", process.Id.ToString()])!.WaitForExit();
+            await process.WaitForExitAsync(timeout.Token);
+
+            Assert.True(predict.Code == 0, predict.Output);
+            Assert.Contains("\"action\":[0.0362", predict.Output);
+            Assert.Equal(0, process.ExitCode);
+            Assert.Contains("stopped", await stderrRest);
+            Assert.Equal("", await stdout);
+        }
+        finally { if (!process.HasExited) process.Kill(entireProcessTree: true); }
     }
 
     static async Task<(int Code, string Output)> RunAsync(params string[] args)

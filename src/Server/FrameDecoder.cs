@@ -1,16 +1,16 @@
 using System.Buffers.Binary;
-using OpenCvSharp;
 using OpenVLA.Contract.V1;
 using OpenVLA.Policy;
 
 namespace OpenVLA.Server;
 
 /// <summary>
-/// Turns the image of a request into an <see cref="RgbImage"/>, or says in one line why it cannot. Sizes are read from
-/// the JPEG/PNG header and checked against the limit before the decoder allocates anything, and a file that does not
-/// end where its format says it ends is refused as truncated (libjpeg would otherwise grey-fill the missing part).
+/// Turns the image of a request into an <see cref="RgbImage"/>, or says in one line why it cannot. The header checks here
+/// enforce the server's own limits (--max-image-side) and the declared encoding before anything is allocated; the
+/// pixels then come from the policy core's decoder, so a frame sent over the network gives exactly the pixels (and so
+/// the action) that offline `openvla predict` gives for the same file.
 /// </summary>
-internal static class ImageDecoder
+internal static class FrameDecoder
 {
     static ReadOnlySpan<byte> PngSignature => [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A];
     static ReadOnlySpan<byte> PngIend => [0, 0, 0, 0, 0x49, 0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82];
@@ -26,7 +26,7 @@ internal static class ImageDecoder
                 long expected = (long)image.Width * image.Height * 3;
                 if (data.Length != expected)
                     throw Invalid($"raw RGB8 image of {image.Width}x{image.Height} needs {expected} bytes, got {data.Length}");
-                return new RgbImage((int)image.Width, (int)image.Height, data.ToArray());
+                return Policy.Preprocessing.ImageDecoder.FromRaw(data.ToArray(), (int)image.Width, (int)image.Height);
             }
             case ImageEncoding.Jpeg:
             case ImageEncoding.Png:
@@ -36,7 +36,7 @@ internal static class ImageDecoder
                 CheckSize((uint)width, (uint)height, maxSide);
                 if ((image.Width != 0 && image.Width != width) || (image.Height != 0 && image.Height != height))
                     throw Invalid($"image says {image.Width}x{image.Height} but its {Name(image.Encoding)} header says {width}x{height}");
-                return DecodeWithOpenCv(data, image.Encoding, width, height);
+                return DecodeWithPolicyDecoder(data, image.Encoding, width, height);
             }
             case ImageEncoding.Unspecified:
                 throw Invalid("image encoding is not set (RAW_RGB8, JPEG or PNG)");
@@ -45,21 +45,12 @@ internal static class ImageDecoder
         }
     }
 
-    static RgbImage DecodeWithOpenCv(ReadOnlySpan<byte> data, ImageEncoding encoding, int width, int height)
+    static RgbImage DecodeWithPolicyDecoder(ReadOnlySpan<byte> data, ImageEncoding encoding, int width, int height)
     {
-        Mat bgr;
-        try { bgr = Cv2.ImDecode(data, ImreadModes.Color); }
-        catch (OpenCVException) { throw Invalid($"{Name(encoding)} image is corrupt (the decoder could not read it)"); }
-        using var decoded = bgr;
-        if (bgr.Empty()) throw Invalid($"{Name(encoding)} image is corrupt (the decoder could not read it)");
-        if (bgr.Width != width || bgr.Height != height)
-            throw Invalid($"{Name(encoding)} image decoded to {bgr.Width}x{bgr.Height}, its header says {width}x{height}");
-        using var rgb = new Mat();
-        Cv2.CvtColor(bgr, rgb, ColorConversionCodes.BGR2RGB);
-        var pixels = new byte[width * height * 3];
-        if (!rgb.IsContinuous()) throw new InvalidOperationException("OpenCV returned a non-continuous image");
-        System.Runtime.InteropServices.Marshal.Copy(rgb.Data, pixels, 0, pixels.Length);
-        return new RgbImage(width, height, pixels);
+        var image = Policy.Preprocessing.ImageDecoder.Decode(data.ToArray()); // PolicyInputException: one line, INVALID_ARGUMENT
+        if (image.Width != width || image.Height != height)
+            throw Invalid($"{Name(encoding)} image decoded to {image.Width}x{image.Height}, its header says {width}x{height}");
+        return image;
     }
 
     /// <summary>Width and height from the first start-of-frame segment; requires SOI at the start and EOI at the end.</summary>
