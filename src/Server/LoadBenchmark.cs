@@ -63,14 +63,22 @@ public static class LoadBenchmark
         progress("in-process forward pass (batch of 1, decoded frame)");
         var decoded = DecodeJpeg(frames[0]);
         var observation = new VlaObservation([decoded], "pick up the block", key.Length == 0 ? null : key);
-        for (int i = 0; i < 3; i++) policy.PredictBatch([observation], cancellationToken);
+        // On a thread of its own, as the server's scheduler calls it: TorchSharp forward passes on the process's main
+        // thread ran 10-30x slower here (measured 2026-11-26), which would flatter the server.
         var inProcess = new List<double>();
-        for (int i = 0; i < options.InProcessIterations; i++)
+        var measuring = new Thread(() =>
         {
-            long start = Stopwatch.GetTimestamp();
-            policy.PredictBatch([observation], cancellationToken);
-            inProcess.Add(Stopwatch.GetElapsedTime(start).TotalMilliseconds);
-        }
+            for (int i = 0; i < 3; i++) policy.PredictBatch([observation], cancellationToken);
+            for (int i = 0; i < options.InProcessIterations; i++)
+            {
+                long start = Stopwatch.GetTimestamp();
+                policy.PredictBatch([observation], cancellationToken);
+                inProcess.Add(Stopwatch.GetElapsedTime(start).TotalMilliseconds);
+            }
+        }) { Name = "openvla-bench-in-process" };
+        measuring.Start();
+        measuring.Join();
+        progress($"in-process: {LatencySummary.Of(inProcess)}");
 
         LatencySummary unary, decode;
         await using (var server = await StartAsync(policy, options.MaxBatch, options.MaxQueueDelayMs))
@@ -90,6 +98,7 @@ public static class LoadBenchmark
             }
             unary = LatencySummary.Of(roundTrips);
             decode = LatencySummary.Of(decodes);
+            progress($"unary: {unary}");
         }
 
         var rows = new List<LoadBenchmarkRow>();
@@ -110,7 +119,9 @@ public static class LoadBenchmark
         {
             progress($"{robots} robot(s) at {options.Fps} Hz, max batch {maxBatch}, run {repeat + 1}/{options.Repeats}: {options.Warmup.TotalSeconds:F0} s warm-up + {options.Duration.TotalSeconds:F0} s");
             await using var server = await StartAsync(policy, maxBatch, options.MaxQueueDelayMs);
-            runs.Add(await StreamAsync(server, robots, options, frames, key, cancellationToken));
+            var run = await StreamAsync(server, robots, options, frames, key, cancellationToken);
+            progress($"  {run.ActionsPerSecond:F1} actions/s, latency {run.Latency}, mean batch {run.MeanBatch:F2}, skipped {run.Skipped}, errors {run.Errors}");
+            runs.Add(run);
         }
         return new LoadBenchmarkRow(robots, maxBatch,
             Spread.Of(runs.Select(r => r.ActionsPerSecond)), Spread.Of(runs.Select(r => r.Latency.P50)), Spread.Of(runs.Select(r => r.Latency.P99)),
@@ -183,7 +194,7 @@ public static class LoadBenchmark
 
     static async Task<PolicyServer> StartReadyAsync(ServeOptions options, IActionPolicy policy)
     {
-        var server = await PolicyServer.StartAsync(options, (_, _) => policy, logging => { });
+        var server = await PolicyServer.StartAsync(options, (_, _) => policy, logging => { }, disposePolicy: false);
         await server.Ready;
         return server;
     }

@@ -33,6 +33,7 @@ public sealed class PolicyServer : IAsyncDisposable
     readonly TaskCompletionSource ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
     readonly ServeOptions options;
     IActionPolicy? policy;
+    bool disposePolicy = true;
     int stopped;
 
     PolicyServer(WebApplication app, ServingState state, HealthServiceImpl health, ServerMetrics metrics, ServeOptions options)
@@ -57,8 +58,9 @@ public sealed class PolicyServer : IAsyncDisposable
     public ServerMetrics Metrics => metrics;
 
     /// <summary>Starts listening, then loads the policy with <paramref name="loadPolicy"/> in the background.</summary>
+    /// <param name="disposePolicy">Whether stopping disposes the policy (false when the caller reuses it, as the load benchmark does).</param>
     public static async Task<PolicyServer> StartAsync(ServeOptions options, Func<ServeOptions, CancellationToken, IActionPolicy> loadPolicy,
-        Action<ILoggingBuilder>? configureLogging = null, CancellationToken cancellationToken = default)
+        Action<ILoggingBuilder>? configureLogging = null, CancellationToken cancellationToken = default, bool disposePolicy = true)
     {
         if (options.Problem() is { } problem) throw new ArgumentException(problem, nameof(options));
         var apiKeys = options.ApiKeyFile is null ? null : ApiKeys.FromFile(options.ApiKeyFile);
@@ -125,7 +127,7 @@ public sealed class PolicyServer : IAsyncDisposable
         app.MapGrpcService<HealthServiceImpl>();
         app.MapGrpcReflectionService();
 
-        var server = new PolicyServer(app, state, health, metrics, options);
+        var server = new PolicyServer(app, state, health, metrics, options) { disposePolicy = disposePolicy };
         app.Lifetime.ApplicationStopping.Register(server.BeginStopping);
         await app.StartAsync(cancellationToken);
 
@@ -210,7 +212,7 @@ public sealed class PolicyServer : IAsyncDisposable
             state.Set(null);
             loaded.Scheduler.Dispose();
         }
-        (policy as IDisposable)?.Dispose();
+        if (disposePolicy) (policy as IDisposable)?.Dispose();
         logger.LogInformation("stopped");
     }
 
