@@ -38,6 +38,34 @@ public sealed class CliTests
     }
 
     [Fact]
+    public async Task Client_stream_sends_the_frames_of_a_video()
+    {
+        await using var server = await TestServer.StartAsync(new DeterministicPolicy());
+        var dir = Directory.CreateTempSubdirectory("openvla-video-").FullName;
+        try
+        {
+            var video = Path.Combine(dir, "clip.avi");
+            using (var writer = new OpenCvSharp.VideoWriter(video, OpenCvSharp.FourCC.MJPG, 10, new OpenCvSharp.Size(64, 48)))
+            {
+                Assert.True(writer.IsOpened(), "OpenCV cannot write MJPG video here");
+                for (int i = 0; i < 6; i++)
+                {
+                    using var frame = new OpenCvSharp.Mat(48, 64, OpenCvSharp.MatType.CV_8UC3, new OpenCvSharp.Scalar(200, 40, i * 40));
+                    writer.Write(frame);
+                }
+            }
+
+            var stream = await RunAsync("client", "stream", "--server", server.GrpcAddress.ToString(), "--video", video, "--fps", "30",
+                "--unnorm-key", "bridge_orig", "--json", "--quiet");
+
+            Assert.True(stream.Code == 0, stream.Output);
+            Assert.Contains("\"frames\":6,", stream.Output);
+            Assert.Contains("\"errors\":0", stream.Output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
     public async Task Serve_refuses_with_one_line_what_it_cannot_serve()
     {
         var dir = Directory.CreateTempSubdirectory("openvla-ckpt-").FullName;
