@@ -49,7 +49,7 @@ internal static class ServerVerbs
         var metricsPort = new Option<int>("--metrics-port") { Description = "Prometheus /metrics port (plain HTTP, on 127.0.0.1 unless --metrics-host); -1 turns it off", DefaultValueFactory = _ => 50052 };
         var metricsHost = new Option<string>("--metrics-host") { Description = "address of the metrics endpoint", DefaultValueFactory = _ => "127.0.0.1" };
         var maxBatch = new Option<int>("--max-batch") { Description = "most observations per forward pass", DefaultValueFactory = _ => 8 };
-        var maxDelay = new Option<double>("--max-queue-delay-ms") { Description = "longest wait for a batch to fill", DefaultValueFactory = _ => 2 };
+        var maxDelay = new Option<double>("--max-queue-delay-ms") { Description = "longest wait for more observations before a forward pass (0: batch whatever arrived while the model was busy)", DefaultValueFactory = _ => 0 };
         var maxQueue = new Option<int>("--max-queue") { Description = "most observations waiting; more get RESOURCE_EXHAUSTED", DefaultValueFactory = _ => 64 };
         var maxMessage = new Option<int>("--max-message-bytes") { Description = "largest request accepted", DefaultValueFactory = _ => 8 << 20 };
         var maxSide = new Option<int>("--max-image-side") { Description = "largest image width or height accepted", DefaultValueFactory = _ => 2048 };
@@ -370,10 +370,11 @@ internal static class ServerVerbs
         var fps = new Option<double>("--fps") { Description = "frames per second each robot sends", DefaultValueFactory = _ => 10 };
         var repeats = new Option<int>("--repeats") { Description = "runs per configuration (median and range are reported)", DefaultValueFactory = _ => 3 };
         var maxBatch = new Option<int>("--max-batch") { Description = "server max batch", DefaultValueFactory = _ => 8 };
+        var maxDelay = new Option<double>("--max-queue-delay-ms") { Description = "server max queue delay", DefaultValueFactory = _ => 0 };
         var command = new Command("bench-server",
             "Load benchmark (not a test): N simulated robots stream 224x224 JPEG frames to a loopback server; prints actions/s, latency, overhead, batching gain.")
         {
-            Checkpoint, Quantize, Device, DType, CenterCrop, Threads, robots, duration, warmup, fps, repeats, maxBatch, Json,
+            Checkpoint, Quantize, Device, DType, CenterCrop, Threads, robots, duration, warmup, fps, repeats, maxBatch, maxDelay, Json,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -385,6 +386,7 @@ internal static class ServerVerbs
             {
                 Robots = counts, Duration = TimeSpan.FromSeconds(parse.GetValue(duration)), Warmup = TimeSpan.FromSeconds(parse.GetValue(warmup)),
                 Fps = parse.GetValue(fps), Repeats = parse.GetValue(repeats), MaxBatch = parse.GetValue(maxBatch),
+                MaxQueueDelayMs = parse.GetValue(maxDelay),
             };
             if (options.Duration <= TimeSpan.Zero || options.Duration > TimeSpan.FromHours(1)) throw new UsageException("--duration-s must be in (0, 3600]");
             if (options.Warmup < TimeSpan.Zero || options.Fps is <= 0 or > 1000 || options.Repeats is < 1 or > 20 || options.MaxBatch is < 1 or > 1024)
@@ -413,10 +415,11 @@ internal static class ServerVerbs
     {
         var lines = new List<string>
         {
-            $"model {r.Model}; {o.Fps} Hz per robot, {o.Warmup.TotalSeconds:F0} s warm-up + {o.Duration.TotalSeconds:F0} s measured, {o.Repeats} run(s) each: median (min–max)",
+            $"model {r.Model}; max queue delay {o.MaxQueueDelayMs} ms; {o.Fps} Hz per robot, {o.Warmup.TotalSeconds:F0} s warm-up + {o.Duration.TotalSeconds:F0} s measured, {o.Repeats} run(s) each: median (min–max)",
             $"in-process forward pass (batch 1): {r.InProcess}",
             $"unary round trip over loopback:    {r.Unary}",
-            $"server overhead at p50: {r.OverheadP50Ms:F2} ms (of which JPEG decode p50 {r.ServerSideDecode.P50:F2} ms)",
+            $"server overhead (round trip - forward pass, per call): {r.Overhead}",
+            $"  of which JPEG decode p50 {r.ServerSideDecode.P50:F2} ms, queue p50 {r.ServerSideQueue.P50:F2} ms",
             "",
             "| robots | max batch | actions/s | p50 ms | p99 ms | mean batch | sent | answered | skipped (stale) | errors |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

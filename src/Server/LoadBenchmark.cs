@@ -20,7 +20,7 @@ public sealed record LoadBenchmarkOptions
     /// <summary>Robots of the run without batching (max-batch 1) that the batching gain is measured against.</summary>
     public int GainRobots { get; init; } = 8;
     public int MaxBatch { get; init; } = 8;
-    public double MaxQueueDelayMs { get; init; } = 2;
+    public double MaxQueueDelayMs { get; init; } = 0;
     public int InProcessIterations { get; init; } = 30;
 }
 
@@ -40,12 +40,8 @@ public sealed record Spread(double Median, double Min, double Max)
 }
 
 public sealed record LoadBenchmarkReport(
-    string Model, LatencySummary InProcess, LatencySummary Unary, LatencySummary ServerSideDecode,
-    IReadOnlyList<LoadBenchmarkRow> Rows, LoadBenchmarkRow WithoutBatching, double BatchingGain)
-{
-    /// <summary>Round trip through the server (JPEG over loopback gRPC, decode, queue, reply) minus the forward pass alone, at the median.</summary>
-    public double OverheadP50Ms => Unary.P50 - InProcess.P50;
-}
+    string Model, LatencySummary InProcess, LatencySummary Unary, LatencySummary Overhead, LatencySummary ServerSideDecode,
+    LatencySummary ServerSideQueue, IReadOnlyList<LoadBenchmarkRow> Rows, LoadBenchmarkRow WithoutBatching, double BatchingGain);
 
 /// <summary>
 /// The load benchmark of `openvla bench-server` (not a test): a real server on loopback in this process, N simulated
@@ -80,7 +76,7 @@ public static class LoadBenchmark
         measuring.Join();
         progress($"in-process: {LatencySummary.Of(inProcess)}");
 
-        LatencySummary unary, decode;
+        LatencySummary unary, decode, overhead, queue;
         await using (var server = await StartAsync(policy, options.MaxBatch, options.MaxQueueDelayMs))
         {
             progress("unary round trips, one robot in lockstep (JPEG over loopback)");
@@ -89,16 +85,24 @@ public static class LoadBenchmark
             for (int i = 0; i < 3; i++) await client.PredictAsync(request, cancellationToken: cancellationToken);
             var roundTrips = new List<double>();
             var decodes = new List<double>();
+            var overheads = new List<double>();
+            var queued = new List<double>();
             for (int i = 0; i < options.InProcessIterations; i++)
             {
                 long start = Stopwatch.GetTimestamp();
                 var reply = await client.PredictAsync(request, cancellationToken: cancellationToken);
-                roundTrips.Add(Stopwatch.GetElapsedTime(start).TotalMilliseconds);
+                var roundTrip = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                roundTrips.Add(roundTrip);
+                // Everything but the forward pass, per call: serialization, transport, decode, queue, fan-out.
+                overheads.Add(roundTrip - reply.Timings.ModelTotalMs);
                 decodes.Add(reply.Timings.ImageDecodeMs);
+                queued.Add(reply.Timings.QueueMs);
             }
             unary = LatencySummary.Of(roundTrips);
             decode = LatencySummary.Of(decodes);
-            progress($"unary: {unary}");
+            overhead = LatencySummary.Of(overheads);
+            queue = LatencySummary.Of(queued);
+            progress($"unary: {unary}; overhead (round trip - forward pass): {overhead}");
         }
 
         var rows = new List<LoadBenchmarkRow>();
@@ -108,7 +112,7 @@ public static class LoadBenchmark
         var batched = rows.FirstOrDefault(r => r.Robots == options.GainRobots)
             ?? await RowAsync(policy, options.GainRobots, options.MaxBatch, options, frames, key, progress, cancellationToken);
         var gain = batched.ActionsPerSecond.Median / Math.Max(1e-9, serial.ActionsPerSecond.Median);
-        return new LoadBenchmarkReport(policy.Description.ModelId, LatencySummary.Of(inProcess), unary, decode, rows, serial, gain);
+        return new LoadBenchmarkReport(policy.Description.ModelId, LatencySummary.Of(inProcess), unary, overhead, decode, queue, rows, serial, gain);
     }
 
     static async Task<LoadBenchmarkRow> RowAsync(IActionPolicy policy, int robots, int maxBatch, LoadBenchmarkOptions options, byte[][] frames,

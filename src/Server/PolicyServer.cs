@@ -88,6 +88,9 @@ public sealed class PolicyServer : IAsyncDisposable
         builder.WebHost.ConfigureKestrel(kestrel =>
         {
             kestrel.AddServerHeader = false;
+            // Find robots that vanished without closing (power loss, Wi-Fi drop) so their streams end and free their slot.
+            kestrel.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromSeconds(20);
+            kestrel.Limits.Http2.KeepAlivePingTimeout = TimeSpan.FromSeconds(20);
             kestrel.Listen(grpcIp, options.Port, listen =>
             {
                 grpcEndpoint = listen;

@@ -19,9 +19,13 @@ public sealed record ServeOptions
     public string MetricsHost { get; init; } = "127.0.0.1";
     public int? MetricsPort { get; init; } = 50052;
 
-    /// <summary>Dynamic batching: at most MaxBatch observations per forward pass, waiting at most MaxQueueDelay for a batch to fill.</summary>
+    /// <summary>
+    /// Dynamic batching: at most MaxBatch observations per forward pass, waiting at most MaxQueueDelay after the oldest
+    /// arrived for more. The default 0 adds no latency to a lone robot; robots that arrive while the model is busy still
+    /// share the next pass. A few ms helps fill batches on hardware where a batch costs little more than one (GPU).
+    /// </summary>
     public int MaxBatch { get; init; } = 8;
-    public double MaxQueueDelayMs { get; init; } = 2;
+    public double MaxQueueDelayMs { get; init; } = 0;
     /// <summary>Observations waiting at once across all robots; one more is refused with RESOURCE_EXHAUSTED.</summary>
     public int MaxQueue { get; init; } = 64;
 
