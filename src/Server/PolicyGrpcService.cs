@@ -38,7 +38,7 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
         var loaded = Require(method);
         var (observation, decodeMs) = Map(loaded, request.Observation, method);
         var item = new WorkItem(observation, Deadline(context), context.CancellationToken);
-        if (!loaded.Scheduler.TryEnqueue(item)) throw Fail(method, StatusCode.ResourceExhausted, QueueFullMessage(loaded));
+        if (!loaded.Scheduler.TryEnqueue(item)) throw Refused(method, loaded);
         WorkResult result;
         try { result = await item.Result.WaitAsync(context.CancellationToken); }
         catch (OperationCanceledException) { throw CallerGone(method, context); }
@@ -92,8 +92,8 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
                         }
                         else if (!loaded.Scheduler.TryEnqueue(item))
                         {
-                            outgoing.Writer.TryWrite(session.Error(frame, StatusCode.ResourceExhausted, QueueFullMessage(loaded)));
-                            metrics.Request(method, StatusCode.ResourceExhausted);
+                            var refused = Refused(method, loaded);
+                            outgoing.Writer.TryWrite(session.Error(frame, refused.StatusCode, refused.Status.Detail));
                             continue;
                         }
                         session.Waiting = item;
@@ -187,7 +187,10 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
 
     static DateTime? Deadline(ServerCallContext context) => context.Deadline == DateTime.MaxValue ? null : context.Deadline.ToUniversalTime();
 
-    static string QueueFullMessage(ServingState.Loaded loaded) => $"the server's queue is full ({loaded.Scheduler.Depth} observations waiting); retry later";
+    /// <summary>Why the scheduler refused an observation: it is draining for shutdown, or its queue is full.</summary>
+    RpcException Refused(string method, ServingState.Loaded loaded) => state.Stopping.IsCancellationRequested
+        ? Fail(method, StatusCode.Unavailable, "the server is shutting down; reconnect")
+        : Fail(method, StatusCode.ResourceExhausted, $"the server's queue is full ({loaded.Scheduler.Depth} observations waiting); retry later");
 
     RpcException CallerGone(string method, ServerCallContext context)
     {

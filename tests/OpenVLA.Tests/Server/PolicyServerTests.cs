@@ -252,6 +252,28 @@ public sealed class PolicyServerTests
     }
 
     [Fact]
+    public async Task Stopping_answers_the_frame_a_stream_already_sent_then_ends_the_stream_UNAVAILABLE()
+    {
+        await using var server = await TestServer.StartAsync(new SlowPolicy(TimeSpan.FromMilliseconds(300)));
+        using var client = TestServer.Client(server);
+        using var call = client.Raw.StreamActions(deadline: DateTime.UtcNow.AddSeconds(10));
+        var observation = TestServer.Raw(TestServer.Frame(9));
+        observation.Seq = 1;
+        await call.RequestStream.WriteAsync(new StreamActionsRequest { Observation = observation });
+        await Task.Delay(100);
+
+        var stopping = server.StopAsync();
+        Assert.True(await call.ResponseStream.MoveNext());
+        var answered = call.ResponseStream.Current;
+        var end = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext());
+        await stopping;
+
+        Assert.Equal(1ul, answered.Seq);
+        Assert.Equal(7, answered.Action.Values.Count);
+        Assert.Equal(StatusCode.Unavailable, end.StatusCode);
+    }
+
+    [Fact]
     public async Task Metrics_are_served_on_their_own_port()
     {
         await using var server = await TestServer.StartAsync(new DeterministicPolicy());
