@@ -205,6 +205,8 @@ internal static class ServerVerbs
             var instruction = parse.GetValue(Instruction)!;
             var unnormKey = parse.GetValue(UnnormKeyOption);
 
+            // Connect (and check the server and key) before the clock starts, so the first frame's latency is not the handshake.
+            await Call(() => client.GetPolicyInfoAsync(cancellationToken: cancellationToken), client);
             await using var stream = client.OpenStream(cancellationToken);
             var sentAt = new System.Collections.Concurrent.ConcurrentDictionary<ulong, long>();
             var latencies = new List<double>();
@@ -239,6 +241,7 @@ internal static class ServerVerbs
                 if (wait > TimeSpan.Zero) await Task.Delay(wait, cancellationToken);
                 var observation = Observations.FromEncoded(bytes, instruction, encoding, unnormKey);
                 observation.Seq = ++seq;
+                observation.RobotId = "openvla-cli";
                 observation.CaptureTimeUnixUs = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() * 1000;
                 sentAt[seq] = Stopwatch.GetTimestamp();
                 if (!stream.Submit(observation)) break;

@@ -63,6 +63,8 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
         const string method = "StreamActions";
         var loaded = Require(method);
         var session = new StreamSession();
+        long opened = Stopwatch.GetTimestamp();
+        logger.LogInformation("stream opened by {Peer}", context.Peer);
         var outgoing = Channel.CreateUnbounded<StreamActionsResponse>(new UnboundedChannelOptions { SingleReader = true });
         var writer = Task.Run(async () =>
         {
@@ -77,6 +79,11 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
             {
                 outstanding.RemoveAll(t => t.IsCompleted);
                 var frame = requestStream.Current.Observation ?? new Observation();
+                lock (session)
+                {
+                    session.Frames++;
+                    if (session.RobotId.Length == 0) session.RobotId = frame.RobotId;
+                }
                 long start = Stopwatch.GetTimestamp();
                 try
                 {
@@ -115,6 +122,9 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
             throw CallerGone(method, context); // the client went away mid-stream
         }
         await Task.WhenAll(outstanding);
+        lock (session)
+            logger.LogInformation("stream of robot {RobotId} from {Peer} ended after {Seconds:F1} s: {Frames} frames, {Answered} answered, {Skipped} skipped as stale, {Errors} refused",
+                session.RobotId, context.Peer, Stopwatch.GetElapsedTime(opened).TotalSeconds, session.Frames, session.Answered, session.SkippedTotal, session.Errors);
         outgoing.Writer.TryComplete();
         try { await writer; }
         catch (Exception e) when (e is IOException or OperationCanceledException or InvalidOperationException) { throw CallerGone(method, context); }
@@ -142,6 +152,7 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
             metrics.Stage("server_total", serverMs);
             metrics.Request("StreamActions", StatusCode.OK);
             var reply = session.Reply(frame);
+            session.Answered++;
             reply.Action = ContractMapping.ToAction(result.Prediction!);
             reply.ModelVersion = loaded.Mapping.ModelVersion;
             reply.Timings = ContractMapping.ToTimings(result.Prediction, result.QueueMs, decodeMs, serverMs, result.BatchSize);
@@ -154,6 +165,8 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
     {
         public WorkItem? Waiting;
         public uint SkippedSinceReply;
+        public long Frames, Answered, Errors;
+        public string RobotId = "";
         public ulong SkippedTotal;
 
         public StreamActionsResponse Reply(Observation frame)
@@ -168,6 +181,7 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
 
         public StreamActionsResponse Error(Observation frame, StatusCode code, string message)
         {
+            Errors++;
             var reply = Reply(frame);
             reply.Error = new FrameError { Code = (int)code, Message = message };
             return reply;
