@@ -93,6 +93,7 @@ public sealed class LatestFrameStream : IAsyncDisposable
                 if (gotReply) { failures = 0; backoff = client.Options.InitialBackoff; }
                 if (++failures >= client.Options.MaxAttempts) { fatal = e; break; }
             }
+            if (pending.Reader.Completion.IsCompleted) break; // the robot is done sending: nothing to reconnect for
             Interlocked.Increment(ref reconnects);
             try { await Task.Delay(backoff, stop.Token); } catch (OperationCanceledException) { break; }
             backoff = TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, client.Options.MaxBackoff.Ticks));

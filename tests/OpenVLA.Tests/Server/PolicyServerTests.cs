@@ -332,6 +332,42 @@ public sealed class PolicyServerTests
         Assert.Equal(StreamActionsResponse.ResultOneofCase.Action, last.ResultCase);
     }
 
+    [Fact]
+    public async Task The_latest_frame_helper_reconnects_when_the_server_restarts()
+    {
+        var first = await TestServer.StartAsync(new DeterministicPolicy());
+        var port = first.GrpcAddress.Port;
+        using var client = TestServer.Client(first, o => o with
+        {
+            MaxAttempts = 30, InitialBackoff = TimeSpan.FromMilliseconds(50), MaxBackoff = TimeSpan.FromMilliseconds(200),
+        });
+        await using var stream = client.OpenStream();
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        var one = TestServer.Raw(TestServer.Frame(1));
+        one.Seq = 1;
+        stream.Submit(one);
+        Assert.Equal(1ul, (await stream.Replies.ReadAsync(timeout.Token)).Seq);
+
+        await first.DisposeAsync(); // the robot's server goes away ...
+        await using var second = await TestServer.StartAsync(new DeterministicPolicy(), o => o with { Port = port }); // ... and comes back
+        StreamActionsResponse? reply = null;
+        for (ulong seq = 2; reply is null && seq < 200; seq++)
+        {
+            var frame = TestServer.Raw(TestServer.Frame((byte)seq));
+            frame.Seq = seq;
+            stream.Submit(frame);
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token);
+            wait.CancelAfter(TimeSpan.FromMilliseconds(300));
+            try { reply = await stream.Replies.ReadAsync(wait.Token); }
+            catch (OperationCanceledException) when (!timeout.IsCancellationRequested) { } // still reconnecting: send a newer frame
+        }
+
+        Assert.NotNull(reply);
+        Assert.True(reply.Seq >= 2);
+        Assert.Equal(StreamActionsResponse.ResultOneofCase.Action, reply.ResultCase);
+        Assert.True(stream.Reconnects >= 1);
+    }
+
     internal static async Task<string> Metrics(PolicyServer server)
     {
         using var http = new HttpClient();
