@@ -9,7 +9,8 @@ public static class CliExit
 
     /// <summary>Errors caused by what the user passed (arguments, files, checkpoint contents): exit code 2.</summary>
     public static bool IsUserError(Exception e) =>
-        e is UsageException or PolicyInputException or CheckpointException or FileNotFoundException or DirectoryNotFoundException;
+        e is UsageException or PolicyInputException or CheckpointException or OpenVLA.FineTune.Data.DatasetException
+            or FileNotFoundException or DirectoryNotFoundException;
 
     public static string OneLine(string message) => message.ReplaceLineEndings(" ").Trim();
 }

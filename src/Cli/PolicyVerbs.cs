@@ -20,19 +20,16 @@ internal static class PolicyVerbs
         var instruction = new Option<string>("--instruction") { Description = "what the robot should do", Required = true };
         var unnormKey = new Option<string?>("--unnorm-key") { Description = "dataset statistics to un-normalize with (required when the checkpoint has several)" };
         var centerCrop = new Option<bool>("--center-crop") { Description = "center crop (area 0.9) for checkpoints trained with image augmentation" };
-        var dtype = new Option<string>("--dtype") { Description = "compute precision: f32 or bf16", DefaultValueFactory = _ => "f32" };
-        var device = new Option<string>("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
-        var threads = new Option<int?>("--threads") { Description = "CPU threads (default: one per core)" };
+        var model = new ModelOptions();
         var json = new Option<bool>("--json") { Description = "print one JSON object" };
         var cmd = new Command("predict", "Predict one action from a frame and an instruction, offline.")
-            { checkpoint, image, instruction, unnormKey, centerCrop, dtype, device, threads, json };
+            { checkpoint, image, instruction, unnormKey, centerCrop, json };
+        model.AddTo(cmd);
         cmd.SetAction(r =>
         {
+            var options = model.Read(r, r.GetValue(centerCrop));
             var frame = ImageDecoder.Load(r.GetValue(image)!);
-            using var policy = VlaPolicy.Load(r.GetValue(checkpoint)!, new PolicyOptions
-            {
-                DType = r.GetValue(dtype)!, Device = r.GetValue(device)!, CenterCrop = r.GetValue(centerCrop), Threads = r.GetValue(threads),
-            });
+            using var policy = VlaPolicy.Load(r.GetValue(checkpoint)!, options);
             var p = policy.Predict(new VlaObservation([frame], r.GetValue(instruction)!, r.GetValue(unnormKey)));
             if (r.GetValue(json)) Console.WriteLine(PredictionJson(p).ToJsonString());
             else

@@ -7,5 +7,8 @@ internal static class Verbs
 {
     public static IEnumerable<Command> All() =>
         PolicyVerbs.Create()
+            .Concat(QuantizationVerbs.Create())
+            .Concat(BenchVerbs.Create())
+            .Concat(DataVerbs.Create())
             .Concat(ServerVerbs.Create());
 }

@@ -13,19 +13,32 @@ namespace OpenVLA.Policy;
 public sealed record PolicyOptions
 {
     public string Device { get; init; } = "cpu";
-    /// <summary>Compute and weight precision: "f32" or "bf16".</summary>
-    public string DType { get; init; } = "f32";
+    /// <summary>Compute and weight precision: "f32" or "bf16"; null = f32, or bf16 when quantized (the int8/int4
+    /// kernels take bf16 activations).</summary>
+    public string? DType { get; init; }
+    /// <summary>Weight-only quantization applied at load: "none", "int8" or "int4" (a pre-quantized checkpoint keeps its own).</summary>
+    public string Quantize { get; init; } = "none";
+    /// <summary>int4 group size (32, 64, 128 or 256).</summary>
+    public int GroupSize { get; init; } = 128;
+    /// <summary>Quantize the vision towers too (default) or keep them in the compute precision.</summary>
+    public bool QuantizeVision { get; init; } = true;
     /// <summary>Evaluation-time center crop (area 0.9, resized back) for checkpoints trained with image augmentation.</summary>
     public bool CenterCrop { get; init; }
     /// <summary>Intra-op threads for CPU inference; null keeps TorchSharp's default (one per core).</summary>
     public int? Threads { get; init; }
 
+    public Quantization.QuantizationOptions Quantization => OpenVLA.Policy.Quantization.QuantizationOptions.Parse(Quantize, GroupSize, QuantizeVision);
+
     public ScalarType ScalarType => DType switch
     {
+        null => Quantize == "none" ? ScalarType.Float32 : ScalarType.BFloat16,
+        // Quantized with f32 activations runs the kernels' exact scalar path: a reference, 10–20× slower than bf16.
         "f32" or "float32" => ScalarType.Float32,
         "bf16" or "bfloat16" => ScalarType.BFloat16,
         _ => throw new PolicyInputException($"unknown dtype '{DType}' (valid: f32, bf16)"),
     };
+
+    public string DTypeName => ScalarType == ScalarType.Float32 ? "f32" : "bf16";
 }
 
 /// <summary>
@@ -65,26 +78,39 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             ImageSize: checkpoint.Config.ImageSize,
             ImagesPerObservation: 1,
             ResizeStrategy: checkpoint.Config.ImageResizeStrategy,
-            Precision: options.DType,
-            Quantization: "none",
+            Precision: model.Precision.DType == ScalarType.Float32 ? "f32" : "bf16",
+            Quantization: checkpoint.Config.StoredQuantization?.Name ?? options.Quantization.Name,
             UnnormStats: checkpoint.NormStats);
     }
 
-    public static VlaPolicy Load(string checkpointDir, PolicyOptions? options = null)
+    public static VlaPolicy Load(string checkpointDir, PolicyOptions? options = null) => Create(checkpointDir, options, randomSeed: null);
+
+    /// <summary>A policy of the directory's architecture with random weights built in place (no safetensors needed):
+    /// benchmarks of the 7B architecture use this, since the real weights are not available.</summary>
+    public static VlaPolicy CreateWithRandomWeights(string metadataDir, PolicyOptions? options, int seed) => Create(metadataDir, options, seed);
+
+    static VlaPolicy Create(string checkpointDir, PolicyOptions? options, int? randomSeed)
     {
         options ??= new PolicyOptions();
         if (options.Threads is int n) torch.set_num_threads(n);
-        var checkpoint = VlaCheckpoint.Open(checkpointDir);
+        var checkpoint = VlaCheckpoint.Open(checkpointDir, requireWeights: randomSeed is null);
         var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
         if (tokenizer.VocabSize != checkpoint.Config.TokenizerVocabSize)
             throw new CheckpointException($"{checkpointDir}: tokenizer.model has {tokenizer.VocabSize} pieces but config.json implies {checkpoint.Config.TokenizerVocabSize} (text vocab_size − pad_to_multiple_of)");
         Device device;
         try { device = torch.device(options.Device); }
         catch (Exception e) { throw new PolicyInputException($"unknown device '{options.Device}' ({e.Message.ReplaceLineEndings(" ")})"); }
-        var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(options.ScalarType, device));
+        var dtype = checkpoint.Config.StoredQuantization is null ? options.ScalarType : ScalarType.BFloat16;
+        var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, device));
         try
         {
-            var report = WeightLoader.Load(model, checkpoint);
+            LoadReport report;
+            if (randomSeed is int seed)
+            {
+                RandomInit.Fill(model, seed, options.Quantization);
+                report = new LoadReport([], [], 0);
+            }
+            else report = WeightLoader.Load(model, checkpoint, options.Quantization);
             model.eval();
             return new VlaPolicy(checkpoint, model, tokenizer, options, report, device);
         }
@@ -94,6 +120,9 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             throw;
         }
     }
+
+    /// <summary>Resident bytes of weights per component (vision_backbone, projector, language_model).</summary>
+    public IReadOnlyDictionary<string, long> WeightBytesByComponent() => WeightMemory.ByComponent(Model);
 
     public ActionPrediction Predict(VlaObservation observation) => PredictBatch([observation])[0];
 
@@ -115,7 +144,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             using var scope = NewDisposeScope();
             var total = Stopwatch.StartNew();
             var sw = Stopwatch.StartNew();
-            var pixels = _preprocessor.PreprocessBatch(observations.Select(o => o.Images[0]).ToList(), Options.CenterCrop, Device, Options.ScalarType);
+            var pixels = _preprocessor.PreprocessBatch(observations.Select(o => o.Images[0]).ToList(), Options.CenterCrop, Device, Model.Precision.DType);
             double preprocessMs = Lap(sw);
 
             var patches = Model.EncodeImages(pixels);

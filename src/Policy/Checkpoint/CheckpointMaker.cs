@@ -16,10 +16,10 @@ public sealed record CheckpointPreset(
 
     public static CheckpointPreset Get(string name) => name switch
     {
-        // Unit-test size: runs in milliseconds.
+        // Unit-test size: runs in milliseconds; every linear width is a multiple of 32 so int4 groups of 32 fit.
         "tiny" => new("tiny", 56,
             new VitConfig(32, 3, 2, 64, 14, 56, 4, true, true, false),
-            new VitConfig(48, 3, 2, 96, 14, 56, 0, false, false, true),
+            new VitConfig(64, 3, 2, 128, 14, 56, 0, false, false, true),
             Llama(hidden: 64, layers: 2, heads: 4, intermediate: 128, tokenizerVocab: 1024), 1024),
         // The real geometry (224 px, 256 patches per tower, 7 action tokens) at a width a CPU runs in tens of ms.
         "mini" => new("mini", 224,
@@ -48,6 +48,14 @@ public static class CheckpointMaker
     public static VlaConfig Write(string dir, string presetName, int seed, ScalarType dtype, long maxShardBytes = 5_000_000_000,
         IProgress<double>? progress = null)
     {
+        var config = WriteMetadata(dir, presetName, dtype);
+        WriteWeights(dir, config, seed, dtype, maxShardBytes, progress);
+        return config;
+    }
+
+    /// <summary>Everything but the weights: config, statistics, tokenizer, preprocessor and generation configs.</summary>
+    public static VlaConfig WriteMetadata(string dir, string presetName, ScalarType dtype)
+    {
         var preset = CheckpointPreset.Get(presetName);
         Directory.CreateDirectory(dir);
         var configJson = ConfigJson(preset, dtype);
@@ -59,7 +67,6 @@ public static class CheckpointMaker
             new JsonObject { ["bos_token_id"] = 1, ["eos_token_id"] = 2, ["pad_token_id"] = config.Text.PadTokenId, ["transformers_version"] = "4.40.1" }.ToJsonString());
         Preprocessing.PreprocessorConfig.CreateDefault(preset.ImageSize).Save(Path.Combine(dir, Preprocessing.PreprocessorConfig.FileName));
         SentencePieceModelWriter.Write(Path.Combine(dir, "tokenizer.model"), preset.TokenizerVocab);
-        WriteWeights(dir, config, seed, dtype, maxShardBytes, progress);
         return config;
     }
 
@@ -108,27 +115,11 @@ public static class CheckpointMaker
         }
     }
 
-    /// <summary>Random values of a plausible scale: norms and layer scales near their usual init, linear weights with
-    /// std 1/√fan_in so activations stay O(1) through the depth, embeddings and position tables N(0, 0.5²).</summary>
     static Tensor RandomTensor(TensorSpec s, ScalarType dtype, Generator gen)
     {
+        var (mean, std) = RandomInit.MeanStd(s.Name, s.Shape);
         using var scope = NewDisposeScope();
-        string n = s.Name;
-        Tensor t;
-        if (n.EndsWith("norm.weight") || n.EndsWith("norm1.weight") || n.EndsWith("norm2.weight") || n.EndsWith("layernorm.weight"))
-            t = 1 + 0.1 * randn(s.Shape, generator: gen);
-        else if (n.EndsWith("scale_factor"))
-            t = 0.1 + 0.05 * randn(s.Shape, generator: gen);
-        else if (n.EndsWith(".bias"))
-            t = 0.02 * randn(s.Shape, generator: gen);
-        else if (s.Shape.Length >= 2 && !n.EndsWith("embed_tokens.weight") && !n.Contains("pos_embed") && !n.EndsWith("_token") && !n.EndsWith("latent"))
-        {
-            long fanIn = s.Shape.Skip(1).Aggregate(1L, (a, b) => a * b);
-            t = randn(s.Shape, generator: gen) / Math.Sqrt(fanIn);
-        }
-        else
-            t = 0.5 * randn(s.Shape, generator: gen);
-        return t.to(dtype).MoveToOuterDisposeScope();
+        return (mean + std * randn(s.Shape, generator: gen)).to(dtype).MoveToOuterDisposeScope();
     }
 
     /// <summary>The config.json of a preset (OpenVLAConfig fields, our size extension for non-published presets).</summary>

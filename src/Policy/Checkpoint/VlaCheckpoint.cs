@@ -22,7 +22,9 @@ public sealed class VlaCheckpoint
         Directory = dir; Config = config; NormStats = stats; WeightFiles = weights;
     }
 
-    public static VlaCheckpoint Open(string dir)
+    /// <param name="requireWeights">false to read only the metadata (config, statistics, tokenizer) of a directory
+    /// without safetensors, e.g. to build a model with random weights for a benchmark.</param>
+    public static VlaCheckpoint Open(string dir, bool requireWeights = true)
     {
         if (!System.IO.Directory.Exists(dir)) throw new CheckpointException($"checkpoint directory '{dir}' does not exist");
         var configPath = Path.Combine(dir, "config.json");
@@ -35,7 +37,7 @@ public sealed class VlaCheckpoint
             : config.Raw["norm_stats"] is JsonObject ns ? OpenVLA.Policy.Checkpoint.NormStats.Parse(ns, configPath + " norm_stats") : new Dictionary<string, ActionStats>();
 
         if (!File.Exists(Path.Combine(dir, "tokenizer.model"))) throw new CheckpointException($"{dir}: tokenizer.model is missing");
-        return new VlaCheckpoint(dir, config, stats, FindWeightFiles(dir));
+        return new VlaCheckpoint(dir, config, stats, requireWeights ? FindWeightFiles(dir) : []);
     }
 
     static List<string> FindWeightFiles(string dir)

@@ -43,6 +43,18 @@ public sealed record VlaConfig(
     string TorchDType,
     JsonObject Raw)
 {
+    /// <summary>The weight-only quantization a pre-quantized checkpoint was saved with (`quantization_config`), else null.</summary>
+    public Quantization.QuantizationOptions? StoredQuantization =>
+        Raw["quantization_config"] is JsonObject q && q["quant_method"]?.GetValue<string>() == QuantMethod
+            ? new Quantization.QuantizationOptions(
+                q["bits"]?.GetValue<int>() == 4 ? Quantization.QuantMode.Int4 : Quantization.QuantMode.Int8,
+                q["bits"]?.GetValue<int>() == 4 ? q["group_size"]?.GetValue<int>() ?? 128 : 0,
+                q["modules"] is JsonArray m && m.Any(x => x?.GetValue<string>() == "vision_backbone"))
+            : null;
+
+    /// <summary>`quant_method` of our pre-quantized checkpoints (format in docs/quantization.md).</summary>
+    public const string QuantMethod = "openvla-net-weight-only";
+
     /// <summary>Size of the tokenizer vocabulary the action bins count down from (32000 for openvla-7b).</summary>
     public int TokenizerVocabSize => Text.VocabSize - PadToMultipleOf;
     public int VisionDim => VisionTowers.Sum(t => t.EmbedDim);
@@ -104,6 +116,8 @@ public sealed record VlaConfig(
         if (text["rope_scaling"] is JsonObject)
             throw new CheckpointException($"{source}: text_config.rope_scaling is not supported");
 
+        if (root["quantization_config"] is JsonObject qc && qc["quant_method"]?.GetValue<string>() != QuantMethod)
+            throw new CheckpointException($"{source}: quantization_config quant_method '{qc["quant_method"]}' is not supported (only {QuantMethod}; load a bf16/f32 checkpoint with --quantize instead)");
         int padMultiple = root["pad_to_multiple_of"]?.GetValue<int>() ?? 64;
         return new VlaConfig(ids, towers, llama, imageSize,
             root["image_resize_strategy"]?.GetValue<string>() ?? "resize-naive", fused, arch, padMultiple,

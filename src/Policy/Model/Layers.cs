@@ -2,6 +2,7 @@
 // matches checkpoint keys with no renaming table.
 #pragma warning disable IDE1006
 using TorchSharp;
+using OpenVLA.Policy.Quantization;
 using static TorchSharp.torch;
 using Parameter = TorchSharp.Modules.Parameter;
 using F = TorchSharp.torch.nn.functional;
@@ -29,22 +30,46 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public Linear? lora_B;
     double _loraScaling;
     double _loraDropout;
+    QuantizedWeight? _quantized;
 
     public Linear(int inFeatures, int outFeatures, bool hasBias, ModelPrecision p) : base(nameof(Linear))
     {
         weight = p.Empty(outFeatures, inFeatures);
         bias = hasBias ? p.Empty(outFeatures) : null;
+        InFeatures = inFeatures;
+        OutFeatures = outFeatures;
         RegisterComponents();
     }
 
-    public long InFeatures => weight.shape[1];
-    public long OutFeatures => weight.shape[0];
+    public long InFeatures { get; }
+    public long OutFeatures { get; }
     public bool HasLora => lora_A is not null;
     public double LoraScaling => _loraScaling;
+    /// <summary>The int8/int4 weight when this layer is quantized (then <see cref="weight"/> is an empty placeholder).</summary>
+    public QuantizedWeight? Quantized => _quantized;
+
+    /// <summary>Replaces the float weight by its quantized form and frees the float copy.</summary>
+    public void Quantize(QuantizationOptions options) => SetQuantized(QuantizedWeight.Quantize(weight, options));
+
+    public void SetQuantized(QuantizedWeight q)
+    {
+        if (q.OutFeatures != OutFeatures || q.InFeatures != InFeatures)
+            throw new ArgumentException($"quantized weight [{q.OutFeatures}, {q.InFeatures}] does not fit a [{OutFeatures}, {InFeatures}] layer");
+        _quantized?.Dispose();
+        _quantized = q;
+        var old = weight;
+        weight = new Parameter(torch.empty(0, old.dtype, old.device), requires_grad: false);
+        _internal_params.Remove("weight");
+        old.Dispose();
+    }
+
+    /// <summary>Bytes of weight storage (float weight or quantized form, plus bias).</summary>
+    public long WeightBytes => (_quantized?.ByteSize ?? weight.NumberOfElements * weight.ElementSize)
+        + (bias is null ? 0 : bias.NumberOfElements * bias.ElementSize);
 
     public override Tensor forward(Tensor x)
     {
-        var y = F.linear(x, weight, bias);
+        var y = _quantized is null ? F.linear(x, weight, bias) : _quantized.Forward(x, bias);
         if (lora_A is null || lora_B is null) return y;
         using var scope = NewDisposeScope();
         var h = x.to(ScalarType.Float32);
@@ -77,10 +102,17 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         _loraDropout = dropout;
     }
 
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _quantized?.Dispose();
+        base.Dispose(disposing);
+    }
+
     /// <summary>Folds the adapter into the base weight (W += (alpha/r)·B·A, computed in float32) and removes it.</summary>
     public void MergeLora()
     {
         if (lora_A is null || lora_B is null) return;
+        if (_quantized is not null) throw new InvalidOperationException("merge LoRA into a float base, then quantize");
         using (torch.no_grad())
         using (var scope = NewDisposeScope())
         {

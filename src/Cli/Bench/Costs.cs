@@ -1,0 +1,43 @@
+using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Model;
+
+namespace OpenVLA.Cli.Bench;
+
+/// <summary>Arithmetic and memory traffic of one action, from the architecture, for the roofline floors.</summary>
+internal static class Costs
+{
+    /// <summary>FLOPs of both towers up to their feature block plus the projector, for <paramref name="batch"/> frames.</summary>
+    public static double VisionFlops(VlaConfig c, int batch)
+    {
+        double total = 0;
+        foreach (var v in c.VisionTowers)
+        {
+            double t = v.NumPatches + v.NumPrefixTokens, d = v.EmbedDim;
+            double perBlock = 2 * t * (4 * d * d + 2 * d * v.MlpHiddenDim) + 4 * t * t * d; // linears + QKᵀ and AV
+            total += 2 * v.NumPatches * 3.0 * v.PatchSize * v.PatchSize * d + (v.FeatureBlockIndex + 1) * perBlock;
+        }
+        double n = c.NumPatches, dv = c.VisionDim, h = c.Text.HiddenSize;
+        total += 2 * n * (dv * 4 * dv + 4 * dv * h + h * h);
+        return total * batch;
+    }
+
+    /// <summary>FLOPs of the prefill over <paramref name="tokens"/> positions (lm_head on the last position only).</summary>
+    public static double PrefillFlops(VlaConfig c, int tokens, int batch)
+    {
+        var t = c.Text;
+        double perTokenLayer = 2.0 * (2 * t.HiddenSize * t.HiddenSize + 2 * t.HiddenSize * t.NumKeyValueHeads * t.HeadDim + 3 * t.HiddenSize * t.IntermediateSize);
+        double attention = 4.0 * tokens * tokens * t.HiddenSize / 2; // causal: half the square
+        return batch * (t.NumHiddenLayers * (tokens * perTokenLayer + attention) + 2.0 * t.HiddenSize * t.VocabSize);
+    }
+
+    /// <summary>Bytes one decode step must read: every language-model weight once (as stored) plus the KV cache.</summary>
+    public static double DecodeBytes(OpenVlaModel model, int cachedTokens, int batch)
+    {
+        var t = model.Config.Text;
+        double weights = WeightMemory.Bytes(model.language_model) - (double)t.VocabSize * t.HiddenSize * ElementBytes(model); // embeddings: one row read
+        double kv = 2.0 * t.NumHiddenLayers * cachedTokens * t.NumKeyValueHeads * t.HeadDim * ElementBytes(model) * batch;
+        return weights + kv;
+    }
+
+    static double ElementBytes(OpenVlaModel model) => model.Precision.DType == TorchSharp.torch.ScalarType.Float32 ? 4 : 2;
+}

@@ -1,0 +1,143 @@
+using System.Diagnostics;
+using System.Text;
+using OpenVLA.Policy;
+using OpenVLA.Policy.Checkpoint;
+using TorchSharp;
+
+namespace OpenVLA.Cli.Bench;
+
+/// <summary>One measured configuration of the inference benchmark.</summary>
+internal sealed record InferenceResult(
+    string Preset, string Precision, int Batch, int Repeats,
+    double VisionMs, double PrefillMs, double DecodeTokenMs, double ActionMs, double ActionMsMin, double ActionMsMax,
+    double ActionsPerSecond, long PeakRssBytes, long WeightBytes, double ComputeRoofline, double DecodeRoofline, int PromptTokens);
+
+/// <summary>
+/// The inference benchmark: for each preset × precision × batch, random weights built in place in the target precision
+/// (so the 7B architecture fits in 24 GB), warm-up passes, then repeated batched predictions; medians per stage, the
+/// action-latency spread, peak RSS, and the roofline ratios against this machine's own measured ceilings.
+/// </summary>
+internal static class InferenceBench
+{
+    public static List<InferenceResult> Run(Machine machine, IReadOnlyList<string> presets, IReadOnlyList<string> precisions,
+        IReadOnlyList<int> batches, int warmup, int repeats, Action<string> log)
+    {
+        var results = new List<InferenceResult>();
+        foreach (var preset in presets)
+        {
+            var dir = Path.Combine(Path.GetTempPath(), $"openvla-bench-{preset}-{Environment.ProcessId}");
+            CheckpointMaker.WriteMetadata(dir, preset, torch.ScalarType.BFloat16);
+            try
+            {
+                foreach (var precision in precisions)
+                {
+                    if (preset == "openvla-7b" && precision == "f32")
+                    {
+                        log($"{preset} f32: skipped (30 GB of float32 weights do not fit in {machine.MemoryGiB:0} GiB)");
+                        continue;
+                    }
+                    Machine.ResetPeakRss();
+                    var options = precision switch
+                    {
+                        "f32" => new PolicyOptions { DType = "f32" },
+                        "bf16" => new PolicyOptions { DType = "bf16" },
+                        "int8" => new PolicyOptions { Quantize = "int8" },
+                        "int4" => new PolicyOptions { Quantize = "int4", GroupSize = preset == "tiny" ? 32 : 128 }, // tiny layers are 32 wide
+                        _ => throw new UsageException($"unknown precision '{precision}' (valid: f32, bf16, int8, int4)"),
+                    };
+                    log($"{preset} {precision}: building random weights");
+                    using var policy = VlaPolicy.CreateWithRandomWeights(dir, options, seed: 1);
+                    long weightBytes = policy.WeightBytesByComponent().Values.Sum();
+                    foreach (var batch in batches)
+                    {
+                        results.Add(Measure(machine, preset, precision, policy, batch, warmup, repeats, weightBytes));
+                        var r = results[^1];
+                        log($"{preset} {precision} b{batch}: action {r.ActionMs:0.0} ms, {r.ActionsPerSecond:0.00} actions/s");
+                    }
+                }
+            }
+            finally { Directory.Delete(dir, recursive: true); }
+        }
+        return results;
+    }
+
+    static InferenceResult Measure(Machine machine, string preset, string precision, VlaPolicy policy, int batch, int warmup, int repeats, long weightBytes)
+    {
+        int size = policy.Checkpoint.Config.ImageSize;
+        var rng = new Random(batch);
+        var observations = Enumerable.Range(0, batch).Select(i =>
+        {
+            var px = new byte[size * size * 3];
+            rng.NextBytes(px);
+            return new VlaObservation([new RgbImage(size, size, px)], i % 2 == 0 ? "pick up the red cube" : "put the blue cube on the plate", "sim_tabletop");
+        }).ToList();
+        for (int i = 0; i < warmup; i++) policy.PredictBatch(observations);
+        var timings = new List<StageTimings>();
+        for (int i = 0; i < repeats; i++) timings.Add(policy.PredictBatch(observations)[0].Timings);
+        int steps = policy.Checkpoint.NormStats["sim_tabletop"].Q01.Length;
+        int promptTokens = observations.Max(o => policy.Tokenizer.PromptIds(o.Instruction).Length);
+        int seq = promptTokens + policy.Checkpoint.Config.NumPatches;
+
+        double vision = Median(timings.Select(t => t.VisionMs + t.PreprocessMs));
+        double prefill = Median(timings.Select(t => t.PrefillMs));
+        double decodeToken = Median(timings.Select(t => t.DecodeMs / (steps - 1)));
+        double action = Median(timings.Select(t => t.TotalMs));
+        double computeFloorMs = (Costs.VisionFlops(policy.Checkpoint.Config, batch) + Costs.PrefillFlops(policy.Checkpoint.Config, seq, batch)) / (machine.Bf16GemmGflops * 1e9) * 1e3;
+        double decodeFloorMs = Costs.DecodeBytes(policy.Model, seq + steps / 2, batch) / (machine.ReadBandwidthGBs * 1e9) * 1e3;
+        return new InferenceResult(preset, precision, batch, repeats, vision, prefill, decodeToken, action,
+            timings.Min(t => t.TotalMs), timings.Max(t => t.TotalMs), batch / (action / 1e3), Machine.PeakRssBytes(), weightBytes,
+            (vision + prefill) / computeFloorMs, decodeToken / decodeFloorMs, promptTokens);
+    }
+
+    public static double Median(IEnumerable<double> values)
+    {
+        var v = values.Order().ToArray();
+        return v.Length == 0 ? double.NaN : v.Length % 2 == 1 ? v[v.Length / 2] : (v[v.Length / 2 - 1] + v[v.Length / 2]) / 2;
+    }
+
+    public static string Markdown(Machine m, IReadOnlyList<InferenceResult> results, int warmup, int repeats)
+    {
+        var sb = new StringBuilder();
+        sb.AppendLine($"Measured {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC by `./openvla bench` on {m.Cpu}, {m.Cores} cores, {m.MemoryGiB:0.0} GiB, " +
+                      $"{m.TorchThreads} torch threads; {warmup} warm-up + {repeats} timed batches per row, medians (action latency: median and min–max).");
+        sb.AppendLine($"Ceilings measured in the same run: bf16 GEMM {m.Bf16GemmGflops:0} GFLOP/s (512×2048·2048×2048), read bandwidth {m.ReadBandwidthGBs:0.0} GB/s (1 GiB sum).");
+        sb.AppendLine("Roofline ratio = measured ÷ floor; compute floor = (vision + projector + prefill FLOPs) ÷ GEMM rate, decode floor = (language-model weight bytes + KV cache) ÷ bandwidth. 1.0 is the ceiling.");
+        sb.AppendLine();
+        sb.AppendLine("| preset | weights | batch | weight MB | vision ms | prefill ms | decode ms/token | action ms (min–max) | actions/s | peak RSS MB | vision+prefill ÷ floor | decode ÷ floor |");
+        sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+        foreach (var r in results)
+            sb.AppendLine($"| {r.Preset} | {r.Precision} | {r.Batch} | {r.WeightBytes / 1e6:0} | {r.VisionMs:0.0} | {r.PrefillMs:0.0} | {r.DecodeTokenMs:0.00} | " +
+                          $"{r.ActionMs:0.0} ({r.ActionMsMin:0.0}–{r.ActionMsMax:0.0}) | {r.ActionsPerSecond:0.00} | {r.PeakRssBytes / 1e6:0} | {r.ComputeRoofline:0.00} | {r.DecodeRoofline:0.00} |");
+        return sb.ToString();
+    }
+}
+
+/// <summary>Native memory over many predictions: RSS sampled at intervals must stay flat once warm.</summary>
+internal static class SoakBench
+{
+    public static (List<(int Prediction, long RssBytes)> Samples, double GrowthMbPer1000) Run(string preset, int predictions, Action<double> progress)
+    {
+        var dir = Path.Combine(Path.GetTempPath(), $"openvla-soak-{preset}-{Environment.ProcessId}");
+        CheckpointMaker.WriteMetadata(dir, preset, torch.ScalarType.BFloat16);
+        try
+        {
+            using var policy = VlaPolicy.CreateWithRandomWeights(dir, new PolicyOptions { DType = "bf16" }, seed: 2);
+            int size = policy.Checkpoint.Config.ImageSize;
+            var px = new byte[size * size * 3];
+            new Random(5).NextBytes(px);
+            var obs = new VlaObservation([new RgbImage(size, size, px)], "pick up the red cube", "sim_tabletop");
+            var samples = new List<(int, long)>();
+            int every = Math.Max(1, predictions / 20);
+            for (int i = 1; i <= predictions; i++)
+            {
+                policy.Predict(obs);
+                if (i % every == 0) { GC.Collect(); samples.Add((i, Machine.RssBytes())); progress((double)i / predictions); }
+            }
+            // Growth over the second half (after allocator warm-up), per 1000 predictions.
+            var half = samples.Skip(samples.Count / 2).ToList();
+            double growth = half.Count < 2 ? 0 : (half[^1].Item2 - half[0].Item2) / 1e6 / ((half[^1].Item1 - half[0].Item1) / 1000.0);
+            return (samples, growth);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+}

@@ -1,0 +1,76 @@
+using System.Diagnostics;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace OpenVLA.Cli.Bench;
+
+/// <summary>This machine as benchmarks describe and measure it: CPU, memory, and the two roofline ceilings measured
+/// in the same run as the model (bf16 GEMM throughput for compute-bound stages, read bandwidth for decode).</summary>
+internal sealed record Machine(string Cpu, int Cores, double MemoryGiB, int TorchThreads, double Bf16GemmGflops, double ReadBandwidthGBs)
+{
+    public static Machine Measure()
+    {
+        string cpu = File.Exists("/proc/cpuinfo")
+            ? File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name"))?.Split(':', 2)[1].Trim() ?? "unknown" : "unknown";
+        double memGiB = 0;
+        if (File.Exists("/proc/meminfo"))
+        {
+            var line = File.ReadLines("/proc/meminfo").First(l => l.StartsWith("MemTotal"));
+            memGiB = long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0 / 1024.0;
+        }
+        return new Machine(cpu, Environment.ProcessorCount, memGiB, torch.get_num_threads(), GemmGflops(), BandwidthGBs());
+    }
+
+    /// <summary>Best of several bf16 x·Wᵀ products of a ViT/LLM-like shape (512×2048 · 2048×2048).</summary>
+    static double GemmGflops()
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var x = randn(512, 2048).to(ScalarType.BFloat16);
+        var w = randn(2048, 2048).to(ScalarType.BFloat16);
+        double best = double.MaxValue;
+        for (int i = 0; i < 12; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            using var y = nn.functional.linear(x, w);
+            best = Math.Min(best, sw.Elapsed.TotalSeconds);
+        }
+        return 2.0 * 512 * 2048 * 2048 / best / 1e9;
+    }
+
+    /// <summary>Best of several full reads (sum) of a 1 GiB bf16 tensor: the bytes a decode step streams.</summary>
+    static double BandwidthGBs()
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        long n = 512L << 20; // 1 GiB of bf16
+        var t = ones(n, ScalarType.BFloat16);
+        double best = double.MaxValue;
+        for (int i = 0; i < 6; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            using var s = t.sum(ScalarType.Float32);
+            _ = s.item<float>();
+            best = Math.Min(best, sw.Elapsed.TotalSeconds);
+        }
+        return n * 2 / best / 1e9;
+    }
+
+    public static long PeakRssBytes()
+    {
+        var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmHWM:"));
+        return line is null ? 0 : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+    }
+
+    public static long RssBytes()
+    {
+        var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmRSS:"));
+        return line is null ? 0 : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+    }
+
+    /// <summary>Resets the kernel's peak-RSS counter of this process (Linux ≥ 4.0), so each configuration gets its own peak.</summary>
+    public static void ResetPeakRss()
+    {
+        try { File.WriteAllText("/proc/self/clear_refs", "5"); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+    }
+}

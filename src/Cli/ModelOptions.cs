@@ -1,0 +1,33 @@
+using System.CommandLine;
+using OpenVLA.Policy;
+
+namespace OpenVLA.Cli;
+
+/// <summary>The options every verb that loads a model shares: precision, quantization, device, threads.</summary>
+internal sealed class ModelOptions
+{
+    public Option<string?> DType { get; } = new("--dtype") { Description = "compute precision: f32 or bf16 (default f32; bf16 when quantized)" };
+    public Option<string> Quantize { get; } = new("--quantize") { Description = "weight-only quantization at load: none, int8, int4", DefaultValueFactory = _ => "none" };
+    public Option<int> GroupSize { get; } = new("--group-size") { Description = "int4 group size: 32, 64, 128 or 256", DefaultValueFactory = _ => 128 };
+    public Option<bool> KeepVisionFloat { get; } = new("--keep-vision-float") { Description = "do not quantize the vision towers" };
+    public Option<string> Device { get; } = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
+    public Option<int?> Threads { get; } = new("--threads") { Description = "CPU threads (default: one per core)" };
+
+    public void AddTo(Command command)
+    {
+        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Device, Threads }) command.Options.Add(o);
+    }
+
+    public PolicyOptions Read(ParseResult r, bool centerCrop = false)
+    {
+        var options = new PolicyOptions
+        {
+            DType = r.GetValue(DType), Quantize = r.GetValue(Quantize)!, GroupSize = r.GetValue(GroupSize),
+            QuantizeVision = !r.GetValue(KeepVisionFloat), Device = r.GetValue(Device)!, Threads = r.GetValue(Threads), CenterCrop = centerCrop,
+        };
+        if (options.Threads is <= 0) throw new UsageException("--threads must be positive");
+        _ = options.ScalarType;   // validates --dtype
+        _ = options.Quantization; // validates --quantize and --group-size
+        return options;
+    }
+}

@@ -1,0 +1,120 @@
+using System.CommandLine;
+using System.Text.Json.Nodes;
+using OpenVLA.Policy;
+using OpenVLA.Policy.Preprocessing;
+using OpenVLA.Policy.Quantization;
+
+namespace OpenVLA.Cli;
+
+/// <summary>quantize (write a pre-quantized checkpoint) and fidelity (compare none/int8/int4 on the same observations).</summary>
+internal static class QuantizationVerbs
+{
+    public static IEnumerable<Command> Create() => [Quantize(), Fidelity()];
+
+    static Command Quantize()
+    {
+        var checkpoint = new Option<string>("--checkpoint") { Description = "bf16/f32 Hugging Face OpenVLA checkpoint directory", Required = true };
+        var outDir = new Option<string>("--out") { Description = "directory for the pre-quantized checkpoint", Required = true };
+        var mode = new Option<string>("--mode") { Description = "int8 or int4", Required = true };
+        var groupSize = new Option<int>("--group-size") { Description = "int4 group size: 32, 64, 128 or 256", DefaultValueFactory = _ => 128 };
+        var keepVision = new Option<bool>("--keep-vision-float") { Description = "leave the vision towers unquantized" };
+        var cmd = new Command("quantize", "Write a pre-quantized copy of a checkpoint (loads without materialising float weights).")
+            { checkpoint, outDir, mode, groupSize, keepVision };
+        cmd.SetAction(r =>
+        {
+            var options = QuantizationOptions.Parse(r.GetValue(mode)!, r.GetValue(groupSize), !r.GetValue(keepVision));
+            using var progress = new ConsoleProgress($"quantize {options.Name}");
+            QuantizedCheckpointWriter.Write(r.GetValue(checkpoint)!, r.GetValue(outDir)!, options, progress);
+            Console.WriteLine(Path.GetFullPath(r.GetValue(outDir)!));
+            return CliExit.Ok;
+        });
+        return cmd;
+    }
+
+    static Command Fidelity()
+    {
+        var checkpoint = new Option<string>("--checkpoint") { Description = "bf16/f32 checkpoint directory", Required = true };
+        var images = new Option<string>("--images") { Description = "directory of PNG/JPEG frames", Required = true };
+        var instructions = new Option<string[]>("--instruction") { Description = "instruction(s) to pair with every frame", Required = true, AllowMultipleArgumentsPerToken = true };
+        var unnormKey = new Option<string?>("--unnorm-key") { Description = "dataset statistics to un-normalize with" };
+        var groupSize = new Option<int>("--group-size") { Description = "int4 group size", DefaultValueFactory = _ => 128 };
+        var limit = new Option<int>("--limit") { Description = "at most this many frames", DefaultValueFactory = _ => 100 };
+        var json = new Option<bool>("--json") { Description = "print one JSON object" };
+        var cmd = new Command("fidelity", "Run the same observations through f32, bf16, int8 and int4 and compare tokens and actions with bf16.")
+            { checkpoint, images, instructions, unnormKey, groupSize, limit, json };
+        cmd.SetAction(r =>
+        {
+            var dir = r.GetValue(images)!;
+            if (!Directory.Exists(dir)) throw new UsageException($"--images directory '{dir}' does not exist");
+            var files = Directory.EnumerateFiles(dir).Where(f => f.EndsWith(".png", StringComparison.OrdinalIgnoreCase)
+                || f.EndsWith(".jpg", StringComparison.OrdinalIgnoreCase) || f.EndsWith(".jpeg", StringComparison.OrdinalIgnoreCase))
+                .Order(StringComparer.Ordinal).Take(r.GetValue(limit)).ToList();
+            if (files.Count == 0) throw new UsageException($"no PNG/JPEG frames in '{dir}'");
+            var observations = files.SelectMany(f => r.GetValue(instructions)!.Select(i => new VlaObservation([ImageDecoder.Load(f)], i, r.GetValue(unnormKey)))).ToList();
+            var variants = new (string Name, PolicyOptions Options)[]
+            {
+                ("f32", new PolicyOptions { DType = "f32" }),
+                ("bf16", new PolicyOptions { DType = "bf16" }),
+                ("int8", new PolicyOptions { Quantize = "int8" }),
+                ($"int4-g{r.GetValue(groupSize)}", new PolicyOptions { Quantize = "int4", GroupSize = r.GetValue(groupSize) }),
+            };
+            var results = new Dictionary<string, List<ActionPrediction>>();
+            using (var progress = new ConsoleProgress("fidelity"))
+            {
+                int done = 0;
+                foreach (var (name, options) in variants)
+                {
+                    using var policy = VlaPolicy.Load(r.GetValue(checkpoint)!, options);
+                    results[name] = [];
+                    foreach (var batch in observations.Chunk(8))
+                    {
+                        results[name].AddRange(policy.PredictBatch(batch));
+                        progress.Report((double)(done += batch.Length) / (observations.Count * variants.Length));
+                    }
+                }
+            }
+            var report = FidelityReport.Compare(results["bf16"], results);
+            if (r.GetValue(json)) Console.WriteLine(report.ToJsonString());
+            else
+            {
+                Console.WriteLine($"{observations.Count} observations ({files.Count} frames x {r.GetValue(instructions)!.Length} instructions), compared with bf16:");
+                Console.WriteLine($"{"variant",-10} {"token agreement",16} {"max |Δa|",10} {"mean |Δa|",10}");
+                foreach (var (name, v) in report)
+                    Console.WriteLine($"{name,-10} {v!["token_agreement"]!.GetValue<double>(),15:P2} {v["max_abs_action_diff"]!.GetValue<double>(),10:0.00000} {v["mean_abs_action_diff"]!.GetValue<double>(),10:0.00000}");
+            }
+            return CliExit.Ok;
+        });
+        return cmd;
+    }
+}
+
+/// <summary>Token agreement and action differences of several runs against a reference run of the same observations.</summary>
+public static class FidelityReport
+{
+    public static JsonObject Compare(IReadOnlyList<ActionPrediction> reference, IReadOnlyDictionary<string, List<ActionPrediction>> runs)
+    {
+        var report = new JsonObject();
+        foreach (var (name, run) in runs)
+        {
+            long same = 0, total = 0;
+            double max = 0, sum = 0;
+            for (int i = 0; i < reference.Count; i++)
+                for (int d = 0; d < reference[i].ActionTokenIds.Length; d++)
+                {
+                    total++;
+                    if (reference[i].ActionTokenIds[d] == run[i].ActionTokenIds[d]) same++;
+                    double diff = Math.Abs(reference[i].Action[d] - run[i].Action[d]);
+                    max = Math.Max(max, diff);
+                    sum += diff;
+                }
+            report[name] = new JsonObject
+            {
+                ["token_agreement"] = total == 0 ? 1.0 : (double)same / total,
+                ["max_abs_action_diff"] = max,
+                ["mean_abs_action_diff"] = total == 0 ? 0 : sum / total,
+                ["observations"] = reference.Count,
+            };
+        }
+        return report;
+    }
+}
