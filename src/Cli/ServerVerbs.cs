@@ -16,15 +16,11 @@ namespace OpenVLA.Cli;
 internal static class ServerVerbs
 {
     /// <summary>How `serve` and `bench-server` get the policy: the policy core's loader with the serve options.</summary>
-    internal static IActionPolicy LoadPolicy(ServeOptions options, CancellationToken cancellationToken)
-    {
-        if (options.Quantize != "none")
-            throw new UsageException($"--quantize {options.Quantize}: quantized loading is not available in this build (use none)");
-        return VlaPolicy.Load(options.Checkpoint, new PolicyOptions
+    internal static IActionPolicy LoadPolicy(ServeOptions options, CancellationToken cancellationToken) =>
+        VlaPolicy.Load(options.Checkpoint, new PolicyOptions
         {
-            Device = options.Device, DType = options.DType, CenterCrop = options.CenterCrop, Threads = options.Threads,
+            Device = options.Device, DType = options.DType, Quantize = options.Quantize, CenterCrop = options.CenterCrop, Threads = options.Threads,
         });
-    }
 
     public static IEnumerable<Command> Create()
     {
@@ -36,9 +32,9 @@ internal static class ServerVerbs
     // ---------------------------------------------------------------- serve
 
     static readonly Option<string> Checkpoint = new("--checkpoint") { Description = "checkpoint directory to serve", Required = true };
-    static readonly Option<string> Quantize = new("--quantize") { Description = "weight quantization (none, int8, nf4)", DefaultValueFactory = _ => "none" };
+    static readonly Option<string> Quantize = new("--quantize") { Description = "weight-only quantization at load: none, int8 or int4", DefaultValueFactory = _ => "none" };
     static readonly Option<string> Device = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
-    static readonly Option<string> DType = new("--dtype") { Description = "compute precision: f32 or bf16", DefaultValueFactory = _ => "f32" };
+    static readonly Option<string?> DType = new("--dtype") { Description = "compute precision: f32 or bf16 (default: f32, bf16 when quantized)" };
     static readonly Option<bool> CenterCrop = new("--center-crop") { Description = "center crop (area 0.9) for checkpoints trained with image augmentation" };
     static readonly Option<int?> Threads = new("--threads") { Description = "CPU threads for the model (default: one per core)" };
 
@@ -68,7 +64,7 @@ internal static class ServerVerbs
             var options = new ServeOptions
             {
                 Checkpoint = parse.GetValue(Checkpoint)!, Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
-                DType = parse.GetValue(DType)!, CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
+                DType = parse.GetValue(DType), CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
                 Host = parse.GetValue(host)!, Port = parse.GetValue(port),
                 MetricsHost = parse.GetValue(metricsHost)!, MetricsPort = parse.GetValue(metricsPort) is var m && m < 0 ? null : m,
                 MaxBatch = parse.GetValue(maxBatch), MaxQueueDelayMs = parse.GetValue(maxDelay), MaxQueue = parse.GetValue(maxQueue),
@@ -399,7 +395,7 @@ internal static class ServerVerbs
             var serve = new ServeOptions
             {
                 Checkpoint = checkpoint, Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
-                DType = parse.GetValue(DType)!, CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
+                DType = parse.GetValue(DType), CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
             };
             Console.Error.WriteLine($"openvla: loading {checkpoint}");
             var policy = LoadPolicy(serve, cancellationToken);

@@ -7,7 +7,8 @@ public sealed record ServeOptions
     public string Checkpoint { get; init; } = "";
     public string Quantize { get; init; } = "none";
     public string Device { get; init; } = "cpu";
-    public string DType { get; init; } = "f32";
+    /// <summary>"f32" or "bf16"; null lets the policy core choose (f32, or bf16 when quantized).</summary>
+    public string? DType { get; init; }
     public bool CenterCrop { get; init; }
     public int? Threads { get; init; }
 
