@@ -78,12 +78,17 @@ internal static class ServerVerbs
             try { server = await PolicyServer.StartAsync(options, LoadPolicy, cancellationToken: cancellationToken); }
             catch (Exception e) when (e is ArgumentException or InvalidDataException) { throw new UsageException(e.Message); }
             catch (IOException e) { throw new UsageException($"cannot listen on {options.Host}:{options.Port}: {e.Message}"); }
-            await using (server)
+            Exception? failure = null;
+            try
             {
                 await server.Ready.WaitAsync(cancellationToken); // a failed load ends `serve` with its one-line reason
                 Console.Error.WriteLine($"openvla: serving on {server.GrpcAddress} (metrics: {server.MetricsAddress?.ToString() ?? "off"}); Ctrl+C stops");
                 await server.WaitForShutdownAsync(cancellationToken);
             }
+            catch (Exception e) { failure = e; }
+            try { await server.DisposeAsync(); }
+            catch (Exception) when (failure is not null) { } // the first failure is the one to report
+            if (failure is not null) System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(failure);
             return CliExit.Ok;
         });
         return command;
