@@ -2,7 +2,6 @@ using System.Diagnostics;
 using System.Net;
 using System.Security.Cryptography.X509Certificates;
 using Grpc.Health.V1;
-using Grpc.HealthCheck;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
@@ -27,7 +26,7 @@ public sealed class PolicyServer : IAsyncDisposable
 
     readonly WebApplication app;
     readonly ServingState state;
-    readonly HealthServiceImpl health;
+    readonly ServingHealth health;
     readonly ServerMetrics metrics;
     readonly ILogger logger;
     readonly TaskCompletionSource ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -36,7 +35,7 @@ public sealed class PolicyServer : IAsyncDisposable
     bool disposePolicy = true;
     int stopped;
 
-    PolicyServer(WebApplication app, ServingState state, HealthServiceImpl health, ServerMetrics metrics, ServeOptions options)
+    PolicyServer(WebApplication app, ServingState state, ServingHealth health, ServerMetrics metrics, ServeOptions options)
     {
         this.app = app;
         this.state = state;
@@ -103,9 +102,7 @@ public sealed class PolicyServer : IAsyncDisposable
 
         var metrics = new ServerMetrics(options.MaxBatch);
         var state = new ServingState();
-        var health = new HealthServiceImpl();
-        health.SetStatus("", HealthCheckResponse.Types.ServingStatus.NotServing);
-        health.SetStatus(ServiceName, HealthCheckResponse.Types.ServingStatus.NotServing);
+        var health = new ServingHealth("", ServiceName);
         builder.Services.AddSingleton(metrics).AddSingleton(state).AddSingleton(health);
         if (apiKeys is not null) builder.Services.AddSingleton(apiKeys);
         builder.Services.AddGrpc(grpc =>
@@ -127,7 +124,7 @@ public sealed class PolicyServer : IAsyncDisposable
             await metrics.Registry.CollectAndExportAsTextAsync(context.Response.Body, context.RequestAborted);
         });
         app.MapGrpcService<PolicyGrpcService>();
-        app.MapGrpcService<HealthServiceImpl>();
+        app.MapGrpcService<ServingHealth>();
         app.MapGrpcReflectionService();
 
         var server = new PolicyServer(app, state, health, metrics, options) { disposePolicy = disposePolicy };
@@ -170,8 +167,7 @@ public sealed class PolicyServer : IAsyncDisposable
                 metrics, logger);
             if (state.Stopping.IsCancellationRequested) { scheduler.Dispose(); throw new OperationCanceledException(); }
             state.Set(new ServingState.Loaded(mapping, scheduler));
-            health.SetStatus("", HealthCheckResponse.Types.ServingStatus.Serving);
-            health.SetStatus(ServiceName, HealthCheckResponse.Types.ServingStatus.Serving);
+            health.SetAll(HealthCheckResponse.Types.ServingStatus.Serving);
             metrics.Ready(true);
             logger.LogInformation("serving {ModelId} (version {ModelVersion}, {Architecture}): loaded in {LoadSeconds:F2} s, warmed up in {WarmupSeconds:F2} s; max batch {MaxBatch}, max queue delay {MaxQueueDelayMs} ms",
                 policy.Description.ModelId, mapping.ModelVersion, policy.Description.Architecture, loadSeconds, warmSeconds, options.MaxBatch, options.MaxQueueDelayMs);
@@ -201,8 +197,7 @@ public sealed class PolicyServer : IAsyncDisposable
     {
         if (state.Stopping.IsCancellationRequested) return;
         logger.LogInformation("stopping: refusing new calls, answering the ones in flight");
-        health.SetStatus("", HealthCheckResponse.Types.ServingStatus.NotServing);
-        health.SetStatus(ServiceName, HealthCheckResponse.Types.ServingStatus.NotServing);
+        health.SetAll(HealthCheckResponse.Types.ServingStatus.NotServing, isFinal: true);
         metrics.Ready(false);
         state.Stopping.Cancel();
     }

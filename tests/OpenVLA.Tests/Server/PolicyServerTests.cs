@@ -226,6 +226,28 @@ public sealed class PolicyServerTests
     }
 
     [Fact]
+    public async Task A_health_Watch_sees_SERVING_then_NOT_SERVING_and_does_not_hold_up_the_stop()
+    {
+        var server = await TestServer.StartAsync(new DeterministicPolicy()); // shutdown timeout 5 s
+        using var channel = GrpcChannel.ForAddress(server.GrpcAddress);
+        using var watch = new Health.HealthClient(channel).Watch(new HealthCheckRequest { Service = PolicyServer.ServiceName });
+        Assert.True(await watch.ResponseStream.MoveNext(CancellationToken.None));
+        var serving = watch.ResponseStream.Current.Status;
+
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        await server.StopAsync();
+        var stopTook = clock.Elapsed;
+        Assert.True(await watch.ResponseStream.MoveNext(CancellationToken.None));
+        var stopping = watch.ResponseStream.Current.Status;
+        Assert.False(await watch.ResponseStream.MoveNext(CancellationToken.None)); // the stream ended
+
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, serving);
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, stopping);
+        Assert.True(stopTook < TimeSpan.FromSeconds(3), $"stop took {stopTook.TotalSeconds:F1} s");
+        await server.DisposeAsync();
+    }
+
+    [Fact]
     public async Task A_policy_that_fails_to_load_leaves_the_server_NOT_SERVING()
     {
         await using var server = await PolicyServer.StartAsync(TestServer.Options(),
