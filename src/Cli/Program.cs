@@ -3,6 +3,11 @@ using OpenVLA.Cli;
 
 // `openvla <verb> --long-option value`. Exit codes: 0 ok, 1 failure, 2 usage or input error.
 // Each area contributes its verbs from its own file (PolicyVerbs.cs, ...); this file only dispatches and maps errors.
+// Policy backends the evaluator can name (eval and its worker processes run this same start-up).
+PolicyBackends.InWorker = args.Length > 0 && args[0] == "sim-worker";
+OpenVLA.RobotClients.Evaluation.RolloutPolicies.UnnormKey = PolicyBackends.UnnormKey;
+OpenVLA.RobotClients.Evaluation.RolloutPolicies.CheckpointFactory = dir => OpenVLA.Policy.VlaPolicy.Load(dir, PolicyBackends.FromEnvironment());
+
 var root = new RootCommand("OpenVLA.NET: serve, fine-tune and evaluate OpenVLA vision-language-action policies.");
 foreach (var command in Verbs.All()) root.Subcommands.Add(command);
 

@@ -10,5 +10,6 @@ internal static class Verbs
             .Concat(QuantizationVerbs.Create())
             .Concat(BenchVerbs.Create())
             .Concat(DataVerbs.Create())
+            .Concat(SimulationVerbs.Create())
             .Concat(ServerVerbs.Create());
 }

@@ -1,0 +1,203 @@
+namespace OpenVLA.Simulation.Tabletop;
+
+/// <summary>
+/// How a noisy expert deviates from the clean one: Gaussian noise on the translation (metres per step, the <c>--noise</c>
+/// σ), short pauses, and detours that push the hand off course so the expert has to recover.
+/// </summary>
+public sealed record ExpertNoise(double Sigma, double PauseProbability = 0.04, double DetourProbability = 0.3)
+{
+    public static ExpertNoise? FromSigma(double sigma) => sigma > 0 ? new ExpertNoise(sigma) : null;
+}
+
+/// <summary>
+/// A scripted policy with privileged simulator state (object poses), one instance per episode. Pick-and-place tasks run
+/// approach → descend → close → lift → carry → lower → open → retreat, going back to approach when the cube slips out;
+/// the push task pushes from behind with closed fingers and re-approaches when the cube drifts off the line.
+/// </summary>
+public sealed class ScriptedExpert
+{
+    private enum Phase { Approach, Descend, Close, Lift, Carry, Lower, Open, Retreat, Done, PushApproach, PushLower, Push }
+
+    private const double Step = 0.02, CarryZ = 0.16, Half = TabletopScene.CubeHalfSize;
+    private readonly EpisodeSpec _episode;
+    private readonly ExpertNoise? _noise;
+    private readonly Random _rng;
+    private Phase _phase;
+    private int _phaseSteps, _pauseLeft, _detourLeft;
+    private Vec3 _detour;
+    private Vec3? _sideDestination;
+    private int _detourAt = -1, _step;
+
+    public ScriptedExpert(EpisodeSpec episode, ExpertNoise? noise = null, int noiseSeed = 0)
+    {
+        _episode = episode;
+        _noise = noise;
+        _rng = new Random(noiseSeed);
+        _phase = episode.TaskId == "push_to_target" ? Phase.PushApproach : Phase.Approach;
+        if (noise is not null && _rng.NextDouble() < noise.DetourProbability) _detourAt = 2 + _rng.Next(10);
+    }
+
+    public string PhaseName => _phase.ToString();
+
+    public float[] Act(TabletopEnv env)
+    {
+        _step++;
+        var (goal, gripper) = _episode.TaskId == "push_to_target" ? PushGoal(env) : PickPlaceGoal(env);
+        if (_noise is not null)
+        {
+            if (_step == _detourAt)
+            {
+                _detourLeft = 3 + _rng.Next(3);
+                double angle = _rng.NextDouble() * 2 * Math.PI;
+                _detour = new Vec3(Math.Cos(angle) * 0.06, Math.Sin(angle) * 0.06, 0.02);
+            }
+            if (_detourLeft > 0) { _detourLeft--; goal = env.Tcp + _detour; }
+            if (_pauseLeft > 0) { _pauseLeft--; return [0, 0, 0, 0, 0, 0, (float)env.GripperCommand]; }
+            if (_rng.NextDouble() < _noise.PauseProbability) _pauseLeft = _rng.Next(1, 4);
+        }
+        var d = goal - env.Tcp;
+        double limit = Step;
+        var action = new float[]
+        {
+            (float)Math.Clamp(d.X, -limit, limit), (float)Math.Clamp(d.Y, -limit, limit), (float)Math.Clamp(d.Z, -limit, limit),
+            0, 0, 0, (float)gripper,
+        };
+        if (_noise is not null)
+            for (int i = 0; i < 3; i++) action[i] += (float)(Gaussian() * _noise.Sigma);
+        return action;
+    }
+
+    private double Gaussian() => Math.Sqrt(-2 * Math.Log(1 - _rng.NextDouble())) * Math.Cos(2 * Math.PI * _rng.NextDouble());
+
+    private void Enter(Phase phase) { _phase = phase; _phaseSteps = 0; }
+
+    private (Vec3 Goal, double Gripper) PickPlaceGoal(TabletopEnv env)
+    {
+        var args = _episode.Args;
+        var cube = env.CubePosition(args.Cube);
+        var tcp = env.Tcp;
+        bool holding = tcp.HorizontalDistance(cube) < 0.025 && Math.Abs(tcp.Z - cube.Z) < 0.03 && env.GripperWidth < 2 * Half + 0.005;
+        _phaseSteps++;
+        switch (_phase)
+        {
+            case Phase.Approach:
+            {
+                var goal = cube + new Vec3(0, 0, 0.10);
+                if (tcp.HorizontalDistance(goal) < 0.012 && Math.Abs(tcp.Z - goal.Z) < 0.04) Enter(Phase.Descend);
+                return (goal, 1);
+            }
+            case Phase.Descend:
+            {
+                var goal = cube + new Vec3(0, 0, -0.004);
+                if (tcp.HorizontalDistance(cube) > 0.02) Enter(Phase.Approach);
+                else if ((goal - tcp).Length < 0.008) Enter(Phase.Close);
+                return (goal, 1);
+            }
+            case Phase.Close:
+                if (_phaseSteps >= 4) Enter(Phase.Lift);
+                return (tcp, 0);
+            case Phase.Lift:
+                if (!holding) { Enter(Phase.Approach); return (tcp + new Vec3(0, 0, 0.05), 1); }
+                if (tcp.Z > CarryZ - 0.015 && _episode.TaskId != "pick_up") Enter(Phase.Carry);
+                return (new Vec3(tcp.X, tcp.Y, CarryZ), 0);
+            case Phase.Carry:
+            {
+                if (!holding) { Enter(Phase.Approach); return (tcp + new Vec3(0, 0, 0.05), 1); }
+                var dest = Destination(env);
+                var goal = new Vec3(dest.X, dest.Y, CarryZ);
+                if (tcp.HorizontalDistance(goal) < 0.008) Enter(Phase.Lower);
+                return (goal, 0);
+            }
+            case Phase.Lower:
+            {
+                if (!holding) { Enter(Phase.Approach); return (tcp + new Vec3(0, 0, 0.05), 1); }
+                var goal = Destination(env);
+                if (tcp.HorizontalDistance(goal) > 0.02) { Enter(Phase.Carry); return (new Vec3(goal.X, goal.Y, tcp.Z), 0); }
+                if (Math.Abs(tcp.Z - goal.Z) < 0.006) Enter(Phase.Open);
+                return (goal, 0);
+            }
+            case Phase.Open:
+                if (_phaseSteps >= 3) Enter(Phase.Retreat);
+                return (tcp, 1);
+            case Phase.Retreat:
+            {
+                if (_phaseSteps > 6) Enter(Phase.Done);
+                return (new Vec3(tcp.X, tcp.Y, cube.Z + 0.09), 1);
+            }
+            default:
+                return (tcp, 1);
+        }
+    }
+
+    /// <summary>Where the held cube's centre should go down to.</summary>
+    private Vec3 Destination(TabletopEnv env)
+    {
+        var args = _episode.Args;
+        switch (_episode.TaskId)
+        {
+            case "place_on_plate":
+            {
+                var p = env.PlatePosition;
+                return new Vec3(p.X, p.Y, 2 * TabletopScene.PlateHalfHeight + Half + 0.004);
+            }
+            case "stack":
+            {
+                var o = env.CubePosition(args.Other!);
+                return new Vec3(o.X, o.Y, o.Z + 2 * Half + 0.004);
+            }
+            case "move_side":
+            {
+                if (_sideDestination is null)
+                {
+                    var (x, y, _) = _episode.Layout.Cubes[args.Cube];
+                    _sideDestination = new Vec3(x, y + TabletopTasks.DirectionSign(args.Direction!) * TabletopTasks.SideShift, Half + 0.004);
+                }
+                return _sideDestination.Value;
+            }
+            default:
+                throw new InvalidOperationException($"task {_episode.TaskId} has no place destination");
+        }
+    }
+
+    private (Vec3 Goal, double Gripper) PushGoal(TabletopEnv env)
+    {
+        var cube = env.CubePosition(_episode.Args.Cube);
+        var target = env.TargetPosition(_episode.Args.Other!);
+        var tcp = env.Tcp;
+        var toTarget = new Vec3(target.X - cube.X, target.Y - cube.Y, 0);
+        double remaining = toTarget.Length;
+        var dir = remaining > 1e-6 ? toTarget * (1 / remaining) : new Vec3(1, 0, 0);
+        const double Contact = Half + 0.013, PushZ = 0.012;
+        var behind = new Vec3(cube.X - dir.X * (Contact + 0.02), cube.Y - dir.Y * (Contact + 0.02), PushZ);
+        _phaseSteps++;
+        switch (_phase)
+        {
+            case Phase.PushApproach:
+            {
+                var goal = behind with { Z = 0.09 };
+                if (tcp.HorizontalDistance(goal) < 0.01) Enter(Phase.PushLower);
+                return (goal, 0);
+            }
+            case Phase.PushLower:
+                if (tcp.HorizontalDistance(behind) > 0.02) Enter(Phase.PushApproach);
+                else if (Math.Abs(tcp.Z - PushZ) < 0.006) Enter(Phase.Push);
+                return (behind, 0);
+            case Phase.Push:
+            {
+                if (remaining < 0.008) { Enter(Phase.Retreat); return (tcp, 0); }
+                var rel = new Vec3(tcp.X - cube.X, tcp.Y - cube.Y, 0);
+                double along = rel.X * dir.X + rel.Y * dir.Y;
+                double lateral = Math.Abs(rel.X * dir.Y - rel.Y * dir.X);
+                if (lateral > 0.014 || along > -Half) { Enter(Phase.PushApproach); return (tcp with { Z = 0.09 }, 0); }
+                double advance = Math.Min(0.01, remaining);
+                var goal = new Vec3(cube.X - dir.X * (Contact - advance), cube.Y - dir.Y * (Contact - advance), PushZ);
+                return (goal, 0);
+            }
+            case Phase.Retreat:
+                if (_phaseSteps > 5) Enter(Phase.Done);
+                return (tcp with { Z = 0.1 }, 0);
+            default:
+                return (tcp, 0);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Text.Json;
+
+namespace OpenVLA.Simulation.Workers;
+
+/// <summary>A worker process died while running a job; the job was retried on a fresh worker.</summary>
+public sealed record WorkerCrash(int Worker, string Job, int? ExitCode, string StderrTail);
+
+/// <summary>A worker reported that a job failed for a reason a retry will not fix (bad policy, unreachable server, ...).</summary>
+public sealed class WorkerJobException(string message) : Exception(message);
+
+/// <summary>
+/// Runs jobs in separate worker processes (each with its own MuJoCo data and GL context) over a JSON-lines protocol:
+/// the parent writes one job per line to a worker's stdin, the worker answers one line <c>{"ok":true,"result":...}</c> or
+/// <c>{"ok":false,"error":"..."}</c> on stdout. A worker that dies mid-job is recorded as a crash, replaced, and its job
+/// is retried (up to <see cref="MaxAttempts"/> times) — episodes are never silently lost.
+/// </summary>
+public sealed class WorkerPool
+{
+    public const int MaxAttempts = 3;
+    private readonly string _fileName;
+    private readonly IReadOnlyList<string> _arguments;
+    private readonly int _workers;
+    private readonly TimeSpan _jobTimeout;
+
+    /// <param name="command">The worker command line, e.g. <c>dotnet openvla.dll sim-worker --kind eval</c>.</param>
+    /// <param name="jobTimeout">A worker silent for longer than this on one job is killed and counted as crashed.</param>
+    public WorkerPool(IReadOnlyList<string> command, int workers, TimeSpan? jobTimeout = null)
+    {
+        _jobTimeout = jobTimeout ?? TimeSpan.FromMinutes(10);
+        if (workers < 1) throw new ArgumentOutOfRangeException(nameof(workers));
+        _fileName = command[0];
+        _arguments = command.Skip(1).ToArray();
+        _workers = workers;
+    }
+
+    public List<WorkerCrash> Crashes { get; } = [];
+
+    /// <summary>Runs every job; <paramref name="onResult"/> is called (from pool threads, serialized) as results arrive.</summary>
+    public void Run<TJob, TResult>(IReadOnlyList<TJob> jobs, Action<int, TResult> onResult, CancellationToken cancellation = default)
+    {
+        var queue = new ConcurrentQueue<(int Index, int Attempt)>(jobs.Select((_, i) => (i, 1)));
+        var gate = new object();
+        Exception? failure = null;
+        int remaining = jobs.Count;
+        var threads = Enumerable.Range(0, Math.Min(_workers, Math.Max(1, jobs.Count))).Select(w => new Thread(() =>
+        {
+            WorkerProcess? worker = null;
+            try
+            {
+                while (Volatile.Read(ref remaining) > 0 && failure is null && !cancellation.IsCancellationRequested)
+                {
+                    if (!queue.TryDequeue(out var item)) { Thread.Sleep(20); continue; }
+                    worker ??= new WorkerProcess(_fileName, _arguments);
+                    string jobJson = JsonSerializer.Serialize(jobs[item.Index], WorkerJson.Options);
+                    string? line = worker.Call(jobJson, _jobTimeout);
+                    if (line is null)
+                    {
+                        var crash = new WorkerCrash(w, jobJson.Length > 300 ? jobJson[..300] + "..." : jobJson, worker.ExitCode(), worker.StderrTail());
+                        worker.Dispose();
+                        worker = null;
+                        lock (gate)
+                        {
+                            Crashes.Add(crash);
+                            Console.Error.WriteLine($"openvla: worker {w} crashed (exit code {crash.ExitCode?.ToString() ?? "?"}) on job {item.Index}; " +
+                                                    (item.Attempt < MaxAttempts ? "retrying it on a new worker" : "giving up on it"));
+                            if (item.Attempt >= MaxAttempts)
+                                failure ??= new WorkerJobException($"job {item.Index} crashed its worker {MaxAttempts} times; last stderr: {crash.StderrTail}");
+                        }
+                        if (item.Attempt < MaxAttempts) queue.Enqueue((item.Index, item.Attempt + 1));
+                        continue;
+                    }
+                    using var reply = JsonDocument.Parse(line);
+                    if (!reply.RootElement.GetProperty("ok").GetBoolean())
+                    {
+                        lock (gate) failure ??= new WorkerJobException(reply.RootElement.GetProperty("error").GetString() ?? "worker error");
+                        break;
+                    }
+                    var result = reply.RootElement.GetProperty("result").Deserialize<TResult>(WorkerJson.Options)!;
+                    lock (gate) onResult(item.Index, result);
+                    Interlocked.Decrement(ref remaining);
+                }
+            }
+            catch (Exception e) { lock (gate) failure ??= e; }
+            finally { worker?.Dispose(); }
+        }) { IsBackground = true, Name = $"sim-worker-{w}" }).ToList();
+        threads.ForEach(t => t.Start());
+        threads.ForEach(t => t.Join());
+        if (failure is not null) throw failure;
+        cancellation.ThrowIfCancellationRequested();
+    }
+
+    private sealed class WorkerProcess : IDisposable
+    {
+        private readonly Process _process;
+        private readonly Queue<string> _stderr = new();
+
+        public WorkerProcess(string fileName, IReadOnlyList<string> arguments)
+        {
+            var start = new ProcessStartInfo(fileName)
+            {
+                RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
+            };
+            foreach (var a in arguments) start.ArgumentList.Add(a);
+            _process = Process.Start(start) ?? throw new InvalidOperationException($"could not start worker {fileName}");
+            _process.ErrorDataReceived += (_, e) =>
+            {
+                if (e.Data is null) return;
+                lock (_stderr) { _stderr.Enqueue(e.Data); if (_stderr.Count > 200) _stderr.Dequeue(); }
+            };
+            _process.BeginErrorReadLine();
+        }
+
+        /// <summary>Sends a job and waits for its reply line; null when the worker died or hung past the timeout (then it is killed).</summary>
+        public string? Call(string job, TimeSpan timeout)
+        {
+            try
+            {
+                _process.StandardInput.WriteLine(job);
+                _process.StandardInput.Flush();
+                var reply = _process.StandardOutput.ReadLineAsync();
+                if (reply.Wait(timeout)) return reply.Result;
+                lock (_stderr) _stderr.Enqueue($"openvla: worker killed after {timeout.TotalSeconds:F0} s without an answer");
+                try { _process.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }
+                return null;
+            }
+            catch (IOException) { return null; }
+            catch (AggregateException e) when (e.InnerException is IOException) { return null; }
+        }
+
+        public int? ExitCode()
+        {
+            _process.WaitForExit(2000);
+            return _process.HasExited ? _process.ExitCode : null;
+        }
+
+        /// <summary>What the worker said last; our own "openvla:" lines first, since a crash ends with a long stack trace.</summary>
+        public string StderrTail()
+        {
+            lock (_stderr)
+            {
+                var lines = _stderr.Where(l => !string.IsNullOrWhiteSpace(l)).Select(l => l.Trim()).ToList();
+                var ours = lines.Where(l => l.StartsWith("openvla:", StringComparison.Ordinal)).TakeLast(3).ToList();
+                return string.Join(" | ", ours.Count > 0 ? ours : lines.TakeLast(4));
+            }
+        }
+
+        public void Dispose()
+        {
+            try { _process.StandardInput.Close(); } catch { }
+            if (!_process.WaitForExit(3000)) try { _process.Kill(); } catch { }
+            _process.Dispose();
+        }
+    }
+}
+
+/// <summary>The worker side of the protocol: reads jobs from stdin, answers on the real stdout.</summary>
+public static class WorkerLoop
+{
+    public static int Serve<TJob, TResult>(Func<TJob, TResult> handle)
+    {
+        var protocol = new StreamWriter(Console.OpenStandardOutput()) { AutoFlush = true };
+        // Anything else a library prints must not corrupt the protocol: send it to stderr.
+        Console.SetOut(Console.Error);
+        string? line;
+        while ((line = Console.In.ReadLine()) is not null)
+        {
+            if (line.Length == 0) continue;
+            string reply;
+            try
+            {
+                var job = JsonSerializer.Deserialize<TJob>(line, WorkerJson.Options)!;
+                reply = JsonSerializer.Serialize(new { ok = true, result = handle(job) }, WorkerJson.Options);
+            }
+            catch (Exception e)
+            {
+                reply = JsonSerializer.Serialize(new { ok = false, error = e.Message.ReplaceLineEndings(" ") }, WorkerJson.Options);
+            }
+            protocol.WriteLine(reply);
+        }
+        return 0;
+    }
+}
+
+internal static class WorkerJson
+{
+    public static readonly JsonSerializerOptions Options = new() { IncludeFields = true, NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals };
+}

@@ -1,0 +1,152 @@
+using OpenCvSharp;
+using OpenVLA.Policy;
+using OpenVLA.RobotClients.Evaluation;
+using OpenVLA.Simulation.Tabletop;
+
+namespace OpenVLA.Tests.Simulation;
+
+[Collection("MuJoCo")]
+public sealed class EvaluatorTests : IDisposable
+{
+    private readonly string _dir = Path.Combine(Path.GetTempPath(), $"openvla-eval-test-{Guid.NewGuid():N}");
+
+    public void Dispose()
+    {
+        if (Directory.Exists(_dir)) Directory.Delete(_dir, recursive: true);
+    }
+
+    /// <summary>A learned-policy stand-in that records what it was shown and always answers the same action.</summary>
+    private sealed class ConstantPolicy(float[] action, int images = 1) : IActionPolicy
+    {
+        public List<VlaObservation> Seen { get; } = [];
+        public PolicyDescription Description => new("constant", "test", 7, 32, images, "resize", "f32", "none", new Dictionary<string, ActionStats>());
+
+        public IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
+        {
+            Seen.AddRange(observations);
+            return observations.Select(_ => new ActionPrediction(action, action, [], [], "tabletop", new StageTimings(0, 0, 0, 0, 0))).ToList();
+        }
+    }
+
+    [Fact]
+    public void Wilson_interval_matches_the_textbook_values()
+    {
+        var r = Rate.Wilson(8, 10);
+        Assert.Equal(0.8, r.Value, 12);
+        Assert.Equal(0.4902, r.Low, 4);
+        Assert.Equal(0.9433, r.High, 4);
+        var none = Rate.Wilson(0, 50);
+        Assert.Equal(0.0, none.Low);
+        Assert.Equal(0.0714, none.High, 4);
+    }
+
+    [Fact]
+    public void Scripted_policy_solves_fixed_episodes_and_a_rerun_sees_identical_episodes()
+    {
+        var options = new EvalOptions(TabletopTasks.Parse("pick_up,push_to_target"), "scripted", TrialsPerTask: 2, Seed: 7, ImageSize: 32,
+            VideoDir: Path.Combine(_dir, "videos"));
+        var first = Evaluator.Run(options, workerCommand: null);
+        var second = Evaluator.Run(options with { VideoDir = null }, workerCommand: null);
+        Assert.Equal(4, first.Overall.Trials);
+        Assert.Equal(1.0, first.Overall.Value);
+        Assert.Equal(first.Episodes.Select(e => (e.Seed, e.Instruction, e.Steps)), second.Episodes.Select(e => (e.Seed, e.Instruction, e.Steps)));
+        Assert.Equal(first.Episodes.Sum(e => e.Steps), first.PolicyLatency.Steps);
+
+        // One MP4 per task (the first trial), holding every control step plus the final frame.
+        var recorded = first.Episodes.Where(e => e.Video is not null).ToList();
+        Assert.All(recorded, e => Assert.True(File.Exists(Path.ChangeExtension(e.Video!, ".png")), "a filmstrip PNG sits next to each MP4"));
+        Assert.Equal(["pick_up", "push_to_target"], recorded.Select(e => e.TaskId));
+        foreach (var e in recorded)
+        {
+            Assert.EndsWith(".mp4", e.Video);
+            using var video = new VideoCapture(e.Video!);
+            Assert.True(video.IsOpened());
+            Assert.Equal(e.Steps + 1, video.FrameCount);
+        }
+
+        var files = first.WriteFiles(Path.Combine(_dir, "out"));
+        Assert.All(files, f => Assert.True(new FileInfo(f).Length > 100, f));
+        Assert.Contains("| pick_up | 2/2 = 100.0% |", File.ReadAllText(Path.Combine(_dir, "out", "summary.md")));
+        Assert.Equal([137, 80, 78, 71], File.ReadAllBytes(Path.Combine(_dir, "out", "success.png")).Take(4).Select(b => (int)b));
+    }
+
+    [Fact]
+    public void A_learned_policy_sees_the_camera_frame_and_instruction_and_doing_nothing_fails()
+    {
+        var policy = new ConstantPolicy([0, 0, 0, 0, 0, 0, 1]);
+        using var rollout = new ActionPolicyRolloutPolicy(policy, "constant");
+        using var env = new TabletopEnv(32);
+        var job = new EvalJob("stack", 0, TabletopTasks.EpisodeSeed(7, "stack", 0), "constant", 32, 10, null);
+        var result = Evaluator.RunEpisode(job, env, rollout);
+        Assert.False(result.Success);
+        Assert.Equal(TabletopTasks.Get("stack").MaxSteps, result.Steps);
+        Assert.Equal(result.Steps, policy.Seen.Count);
+        Assert.All(policy.Seen, o => Assert.Equal(result.Instruction, o.Instruction));
+        Assert.Equal((32, 32), (policy.Seen[0].Images[0].Width, policy.Seen[0].Images[0].Height));
+        Assert.Single(policy.Seen[0].Images);
+    }
+
+    [Fact]
+    public void A_two_camera_policy_also_gets_the_wrist_view()
+    {
+        var policy = new ConstantPolicy([0, 0, -0.01f, 0, 0, 0, 1], images: 2);
+        using var rollout = new ActionPolicyRolloutPolicy(policy, "two-camera");
+        using var env = new TabletopEnv(32);
+        var result = Evaluator.RunEpisode(new EvalJob("pick_up", 0, 1, "two-camera", 32, 0, null), env, rollout);
+        Assert.All(policy.Seen, o => Assert.Equal(2, o.Images.Count));
+        Assert.NotEqual(policy.Seen[0].Images[0].Pixels, policy.Seen[0].Images[1].Pixels);
+        // Moving down 1 cm per step, the wrist view changes while the fixed camera mostly does not.
+        Assert.NotEqual(policy.Seen[0].Images[1].Pixels, policy.Seen[^1].Images[1].Pixels);
+        Assert.False(result.Success);
+    }
+
+    [Fact]
+    public void Policy_arguments_parse_and_missing_backends_are_reported()
+    {
+        Assert.IsType<RolloutPolicies.Scripted>(RolloutPolicies.Parse("scripted"));
+        Assert.Equal(new RolloutPolicies.Grpc("localhost", 50051), RolloutPolicies.Parse("grpc://localhost:50051"));
+        Assert.Throws<ArgumentException>(() => RolloutPolicies.Parse("grpc://localhost"));
+        Assert.Throws<ArgumentException>(() => RolloutPolicies.Parse("http://x:1"));
+        Directory.CreateDirectory(_dir);
+        var checkpoint = RolloutPolicies.Parse($"checkpoint:{_dir}");
+        var previous = RolloutPolicies.CheckpointFactory;
+        try
+        {
+            RolloutPolicies.CheckpointFactory = null;
+            Assert.Throws<PolicyUnavailableException>(() => RolloutPolicies.EnsureAvailable(checkpoint));
+            RolloutPolicies.CheckpointFactory = dir => new ConstantPolicy([0.01f, 0, 0, 0, 0, 0, 1]);
+            using var created = RolloutPolicies.Create(checkpoint);
+            Assert.Equal($"checkpoint:{_dir}", created.Name);
+        }
+        finally { RolloutPolicies.CheckpointFactory = previous; }
+        Assert.Throws<DirectoryNotFoundException>(() => RolloutPolicies.EnsureAvailable(RolloutPolicies.Parse($"checkpoint:{_dir}/missing")));
+    }
+
+    [Fact]
+    public void A_crashed_worker_is_reported_and_its_episode_retried()
+    {
+        string cli = Path.Combine(AppContext.BaseDirectory, "openvla.dll");
+        Assert.True(File.Exists(cli), "the CLI is copied next to the tests");
+        string id = Guid.NewGuid().ToString("N");
+        Environment.SetEnvironmentVariable("OPENVLA_SIM_TEST_CRASH", "pick_up/1");
+        Environment.SetEnvironmentVariable("OPENVLA_SIM_TEST_CRASH_ID", id);
+        try
+        {
+            var options = new EvalOptions(TabletopTasks.Parse("pick_up"), "scripted", TrialsPerTask: 3, Workers: 2, ImageSize: 32);
+            var report = Evaluator.Run(options, ["dotnet", cli, "sim-worker", "--kind", "eval"]);
+            var crash = Assert.Single(report.WorkerCrashes);
+            Assert.NotEqual(0, crash.ExitCode);
+            // MuJoCo's fatal error reached our handler, which reported it and ended the worker (no prompt, no carrying on).
+            Assert.Contains("MuJoCo fatal error: test crash requested", crash.StderrTail);
+            Assert.Equal([0, 1, 2], report.Episodes.Select(e => e.Trial));
+            Assert.Equal(1.0, report.Overall.Value);
+            Assert.Contains("worker crash", report.ToMarkdown());
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable("OPENVLA_SIM_TEST_CRASH", null);
+            Environment.SetEnvironmentVariable("OPENVLA_SIM_TEST_CRASH_ID", null);
+            foreach (var f in Directory.GetFiles(Path.GetTempPath(), $"openvla-sim-crash-{id}-*")) File.Delete(f);
+        }
+    }
+}

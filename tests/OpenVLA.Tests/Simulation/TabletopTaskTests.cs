@@ -1,0 +1,98 @@
+using OpenVLA.Simulation;
+using OpenVLA.Simulation.Tabletop;
+
+namespace OpenVLA.Tests.Simulation;
+
+[Collection("MuJoCo")]
+public sealed class TabletopTaskTests
+{
+    private static (bool Success, int Steps) Run(TabletopEnv env, EpisodeSpec episode, Func<float[]> act)
+    {
+        env.Reset(episode.Layout);
+        var start = TabletopScene.CubeColours.ToDictionary(c => c, env.CubePosition);
+        for (int step = 1; step <= episode.Task.MaxSteps; step++)
+        {
+            env.Step(act());
+            if (episode.Task.IsSuccess(env, episode.Args, start)) return (true, step);
+        }
+        return (false, episode.Task.MaxSteps);
+    }
+
+    public static TheoryData<string> TaskIds => new(TabletopTasks.Ids);
+
+    [Theory]
+    [MemberData(nameof(TaskIds))]
+    public void Scripted_expert_succeeds_and_doing_nothing_fails(string taskId)
+    {
+        using var env = new TabletopEnv(imageSize: 32);
+        var task = TabletopTasks.Get(taskId);
+        foreach (int trial in new[] { 0, 1 })
+        {
+            var episode = task.Sample(TabletopTasks.EpisodeSeed(7, taskId, trial));
+            var expert = new ScriptedExpert(episode);
+            var (success, steps) = Run(env, episode, () => expert.Act(env));
+            Assert.True(success, $"{taskId} trial {trial} ('{episode.Instruction}') failed in phase {expert.PhaseName}");
+            Assert.InRange(steps, 10, task.MaxSteps);
+        }
+        var idle = task.Sample(TabletopTasks.EpisodeSeed(7, taskId, 0));
+        Assert.False(Run(env, idle, () => [0, 0, 0, 0, 0, 0, 1]).Success);
+    }
+
+    [Fact]
+    public void Noisy_expert_still_succeeds_with_recoveries()
+    {
+        using var env = new TabletopEnv(imageSize: 32);
+        var episode = TabletopTasks.Get("place_on_plate").Sample(5);
+        var expert = new ScriptedExpert(episode, new ExpertNoise(Sigma: 0.004, PauseProbability: 0.05, DetourProbability: 1.0), noiseSeed: 2);
+        var clean = new ScriptedExpert(episode);
+        var noisy = Run(env, episode, () => expert.Act(env));
+        var reference = Run(env, episode, () => clean.Act(env));
+        Assert.True(noisy.Success);
+        Assert.True(noisy.Steps > reference.Steps, "pauses and the detour make the noisy demonstration longer");
+    }
+
+    [Fact]
+    public void The_same_seed_gives_the_same_episode_and_seeds_differ_between_trials()
+    {
+        var task = TabletopTasks.Get("push_to_target");
+        var a = task.Sample(TabletopTasks.EpisodeSeed(7, task.Id, 4));
+        var b = task.Sample(TabletopTasks.EpisodeSeed(7, task.Id, 4));
+        var c = task.Sample(TabletopTasks.EpisodeSeed(7, task.Id, 5));
+        Assert.Equal(a.Instruction, b.Instruction);
+        Assert.Equal(a.Layout.Cubes, b.Layout.Cubes);
+        Assert.NotEqual(a.Layout.Cubes["red"], c.Layout.Cubes["red"]);
+        Assert.Contains(a.Instruction, task.AllInstructions());
+    }
+
+    [Fact]
+    public void Layouts_keep_objects_apart_and_inside_the_camera_view()
+    {
+        foreach (var task in TabletopTasks.All)
+            for (int seed = 0; seed < 20; seed++)
+            {
+                var layout = task.Sample(seed).Layout;
+                var cubes = layout.Cubes.Values.ToArray();
+                for (int i = 0; i < cubes.Length; i++)
+                {
+                    Assert.InRange(cubes[i].X, 0.3, 0.7);
+                    Assert.InRange(cubes[i].Y, -0.3, 0.3);
+                    for (int j = i + 1; j < cubes.Length; j++)
+                        Assert.True(double.Hypot(cubes[i].X - cubes[j].X, cubes[i].Y - cubes[j].Y) > 0.08);
+                    Assert.True(double.Hypot(cubes[i].X - layout.Plate.X, cubes[i].Y - layout.Plate.Y) > TabletopScene.PlateRadius + 0.04);
+                }
+            }
+    }
+
+    [Fact]
+    public void Instructions_name_the_objects_of_the_episode()
+    {
+        var stack = TabletopTasks.Get("stack").Sample(9);
+        Assert.Contains(stack.Args.Cube, stack.Instruction);
+        Assert.Contains(stack.Args.Other!, stack.Instruction);
+        Assert.NotEqual(stack.Args.Cube, stack.Args.Other);
+        var side = TabletopTasks.Get("move_side").Sample(9);
+        Assert.Contains(side.Args.Direction!, side.Instruction);
+        Assert.Equal(116, TabletopTasks.InstructionCatalogue(TabletopTasks.All).Count);
+        Assert.Throws<ArgumentException>(() => TabletopTasks.Parse("pick_up,fly"));
+    }
+}
