@@ -24,6 +24,11 @@ internal static class ServerVerbs
 
     public static IEnumerable<Command> Create()
     {
+        // The evaluator's `--policy grpc://HOST:PORT` backend (eval workers are this same CLI, so registering here at
+        // start-up reaches them too).
+        OpenVLA.RobotClients.Evaluation.RolloutPolicies.GrpcFactory ??= (host, port) =>
+            new RemotePolicy(new PolicyClient(new PolicyClientOptions { Address = new Uri($"http://{host}:{port}") }), ownsClient: true);
+
         yield return Serve();
         yield return Client();
         yield return Bench();

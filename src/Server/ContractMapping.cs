@@ -117,7 +117,10 @@ internal sealed class ContractMapping
             },
         };
         foreach (var key in knownKeys)
-            info.UnnormKeys.Add(new UnnormKey { Name = key, StatsSha256 = StatsHash(description.UnnormStats[key]) });
+        {
+            var stats = description.UnnormStats[key];
+            info.UnnormKeys.Add(new UnnormKey { Name = key, StatsSha256 = StatsHash(stats), Q01 = { stats.Q01 }, Q99 = { stats.Q99 }, Mask = { stats.Mask } });
+        }
         return info;
     }
 

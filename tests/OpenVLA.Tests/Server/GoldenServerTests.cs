@@ -50,6 +50,32 @@ public sealed class GoldenServerTests : IAsyncLifetime
     }
 
     [Fact]
+    public void RemotePolicy_gives_the_reference_actions_and_the_statistics_through_the_server()
+    {
+        var cases = GoldenModelTests.Cases();
+        using var remote = new RemotePolicy(TestServer.Client(server), ownsClient: true);
+        var observations = cases.Select(c => new VlaObservation([GoldenModelTests.ReadPng(TestPaths.Fixture("openvla-golden", c.Image))], c.Instruction, c.UnnormKey)).ToList();
+        using var local = VlaPolicy.Load(TestPaths.Fixture("openvla-golden", "checkpoint"));
+
+        var predictions = remote.PredictBatch(observations);
+
+        for (int i = 0; i < cases.Count; i++)
+        {
+            Assert.Equal(cases[i].ActionTokenIds, predictions[i].ActionTokenIds);
+            for (int d = 0; d < 7; d++) Assert.Equal(cases[i].Action[d], predictions[i].Action[d], 1e-5);
+        }
+        Assert.Equal(local.Description.UnnormStats.Keys.Order(), remote.Description.UnnormStats.Keys.Order());
+        foreach (var (key, stats) in local.Description.UnnormStats)
+        {
+            Assert.Equal(stats.Q01, remote.Description.UnnormStats[key].Q01);
+            Assert.Equal(stats.Q99, remote.Description.UnnormStats[key].Q99);
+            Assert.Equal(stats.Mask, remote.Description.UnnormStats[key].Mask);
+        }
+        var bad = new VlaObservation([observations[0].Images[0]], "pick", "no_such_key");
+        Assert.Contains("unknown unnorm_key 'no_such_key'", Assert.Throws<PolicyInputException>(() => remote.PredictBatch([bad])).Message);
+    }
+
+    [Fact]
     public async Task A_stream_gets_the_reference_actions_and_a_bad_key_is_refused()
     {
         var cases = GoldenModelTests.Cases();
