@@ -21,7 +21,9 @@ public sealed class RemotePolicy : IActionPolicy, IDisposable
     {
         this.client = client;
         this.ownsClient = ownsClient;
-        var info = Call(() => client.GetPolicyInfoAsync().GetAwaiter().GetResult());
+        PolicyInfo info;
+        try { info = Call(() => client.GetPolicyInfoAsync().GetAwaiter().GetResult()); }
+        catch when (ownsClient) { client.Dispose(); throw; }
         Description = new PolicyDescription(info.ModelId, info.Architecture, (int)info.ActionDim, (int)info.ImageSize,
             (int)info.ImagesPerObservation, info.ResizeStrategy, info.Precision, info.Quantization,
             info.UnnormKeys.ToDictionary(k => k.Name, k => new ActionStats([.. k.Q01], [.. k.Q99], [.. k.Mask])));
@@ -53,14 +55,21 @@ public sealed class RemotePolicy : IActionPolicy, IDisposable
         return message;
     }
 
-    static T Call<T>(Func<T> call)
+    T Call<T>(Func<T> call)
     {
         try { return call(); }
         catch (RpcException e) when (e.StatusCode == StatusCode.InvalidArgument) { throw new PolicyInputException(e.Status.Detail); }
+        catch (RpcException e) { throw new PolicyServerException($"policy server {client.Options.Address}: {e.StatusCode}: {e.Status.Detail}", e.StatusCode); }
     }
 
     public void Dispose()
     {
         if (ownsClient) client.Dispose();
     }
+}
+
+/// <summary>A call to the policy server failed for a reason other than the input (unreachable, auth, overload); one line.</summary>
+public sealed class PolicyServerException(string message, StatusCode status) : Exception(message)
+{
+    public StatusCode Status { get; } = status;
 }

@@ -66,6 +66,17 @@ public sealed class CliTests
     }
 
     [Fact]
+    public async Task Eval_against_an_unreachable_policy_server_fails_with_one_line()
+    {
+        var result = await RunAsync("eval", "--policy", "grpc://127.0.0.1:1", "--tasks", "pick_up", "--trials-per-task", "1",
+            "--out", Path.Combine(Path.GetTempPath(), "openvla-eval-never-written"));
+
+        Assert.Equal(1, result.Code);
+        Assert.Contains("openvla: error: policy server http://127.0.0.1:1/: Unavailable:", result.Output);
+        Assert.Single(result.Output.Trim().Split('\n'));
+    }
+
+    [Fact]
     public async Task Serve_refuses_with_one_line_what_it_cannot_serve()
     {
         var dir = Directory.CreateTempSubdirectory("openvla-ckpt-").FullName;
