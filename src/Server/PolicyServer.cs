@@ -141,6 +141,10 @@ public sealed class PolicyServer : IAsyncDisposable
         }
         server.logger.LogInformation("listening on {GrpcAddress} (tls: {Tls}, mutual tls: {MutualTls}, api keys: {Auth}); metrics on {MetricsAddress}",
             server.GrpcAddress, certificate is not null, clientCa is not null, apiKeys is not null, server.MetricsAddress?.ToString() ?? "off");
+        if (!IPAddress.IsLoopback(grpcIp) && (apiKeys is null || certificate is null))
+            server.logger.LogWarning("listening beyond this machine on {Host} without {Missing}: anyone who can reach the port can {What}",
+                options.Host, apiKeys is null && certificate is null ? "API keys or TLS" : apiKeys is null ? "API keys" : "TLS",
+                apiKeys is null ? "use the robot policy" : "read the frames and actions on the wire");
         _ = Task.Run(() => server.LoadAndWarmUp(loadPolicy));
         return server;
     }
