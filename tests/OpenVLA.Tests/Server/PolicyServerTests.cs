@@ -145,7 +145,7 @@ public sealed class PolicyServerTests
 
         var sizes = policy.BatchSizes.Skip(2).ToArray(); // after the two warm-up passes (batch 1, batch 2)
         Assert.Equal(48, sizes.Sum());
-        Assert.True(sizes.Max() >= 4, $"largest batch {sizes.Max()}: robots were not batched");
+        Assert.True(sizes.Max() >= 3, $"largest batch {sizes.Max()}: robots were not batched");
         Assert.True(sizes.Length < 48, "one forward pass per request: no batching");
     }
 
