@@ -11,5 +11,6 @@ internal static class Verbs
             .Concat(FineTuneVerbs.Create())
             .Concat(BenchVerbs.Create())
             .Concat(DataVerbs.Create())
-            .Concat(SimulationVerbs.Create());
+            .Concat(SimulationVerbs.Create())
+            .Concat(ServerVerbs.Create());
 }

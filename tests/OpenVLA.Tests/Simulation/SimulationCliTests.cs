@@ -19,7 +19,6 @@ public sealed class SimulationCliTests
 
     [Theory]
     [InlineData("--policy 'foo' is not one of", "eval", "--policy", "foo")]
-    [InlineData("not available yet", "eval", "--policy", "grpc://localhost:50051", "--trials-per-task", "1")]
     [InlineData("unknown tabletop task 'fly'", "demos", "--tasks", "fly", "--episodes-per-task", "1", "--out", "/tmp/openvla-never-written")]
     [InlineData("--suite 'libero' is unknown", "eval", "--suite", "libero", "--policy", "scripted")]
     [InlineData("--noise must be 0..0.05", "demos", "--noise", "0.5", "--episodes-per-task", "1", "--out", "/tmp/openvla-never-written")]

@@ -1,0 +1,147 @@
+using System.Diagnostics;
+
+namespace OpenVLA.Tests.Server;
+
+/// <summary>The command-line client and `serve`, run as the real executable against a test server.</summary>
+public sealed class CliTests
+{
+    static readonly string Cli = Path.Combine(AppContext.BaseDirectory, "openvla.dll");
+
+    [Fact]
+    public async Task Client_info_predict_and_stream_print_actions_and_latency()
+    {
+        await using var server = await TestServer.StartAsync(new DeterministicPolicy());
+        var dir = Directory.CreateTempSubdirectory("openvla-cli-").FullName;
+        try
+        {
+            for (int i = 0; i < 4; i++) File.WriteAllBytes(Path.Combine(dir, $"frame{i}.png"), TestServer.Encode(TestServer.Frame((byte)(i * 50)), ".png"));
+            var address = server.GrpcAddress.ToString();
+
+            var info = await RunAsync("client", "info", "--server", address);
+            var predict = await RunAsync("client", "predict", "--server", address, "--image", Path.Combine(dir, "frame1.png"),
+                "--unnorm-key", "bridge_orig", "--repeat", "3");
+            var stream = await RunAsync("client", "stream", "--server", address, "--images", dir, "--fps", "50", "--unnorm-key", "bridge_orig");
+            var bad = await RunAsync("client", "predict", "--server", address, "--image", Path.Combine(dir, "frame1.png"), "--unnorm-key", "nope");
+
+            Assert.True(info.Code == 0, info.Output);
+            Assert.Contains("model:         test/deterministic", info.Output);
+            Assert.True(predict.Code == 0, predict.Output);
+            Assert.Contains("action: [", predict.Output);
+            Assert.Contains("round trip: p50", predict.Output);
+            Assert.True(stream.Code == 0, stream.Output);
+            Assert.Contains("4 frames in", stream.Output);
+            Assert.Contains("p99", stream.Output);
+            Assert.Equal(2, bad.Code);
+            Assert.Contains("InvalidArgument: unknown unnorm_key 'nope'", bad.Output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public async Task Client_stream_sends_the_frames_of_a_video()
+    {
+        await using var server = await TestServer.StartAsync(new DeterministicPolicy());
+        var dir = Directory.CreateTempSubdirectory("openvla-video-").FullName;
+        try
+        {
+            var video = Path.Combine(dir, "clip.avi");
+            using (var writer = new OpenCvSharp.VideoWriter(video, OpenCvSharp.FourCC.MJPG, 10, new OpenCvSharp.Size(64, 48)))
+            {
+                Assert.True(writer.IsOpened(), "OpenCV cannot write MJPG video here");
+                for (int i = 0; i < 6; i++)
+                {
+                    using var frame = new OpenCvSharp.Mat(48, 64, OpenCvSharp.MatType.CV_8UC3, new OpenCvSharp.Scalar(200, 40, i * 40));
+                    writer.Write(frame);
+                }
+            }
+
+            var stream = await RunAsync("client", "stream", "--server", server.GrpcAddress.ToString(), "--video", video, "--fps", "30",
+                "--unnorm-key", "bridge_orig", "--json", "--quiet");
+
+            Assert.True(stream.Code == 0, stream.Output);
+            Assert.Contains("\"frames\":6,", stream.Output);
+            Assert.Contains("\"errors\":0", stream.Output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public async Task Eval_against_an_unreachable_policy_server_fails_with_one_line()
+    {
+        var result = await RunAsync("eval", "--policy", "grpc://127.0.0.1:1", "--tasks", "pick_up", "--trials-per-task", "1",
+            "--out", Path.Combine(Path.GetTempPath(), "openvla-eval-never-written"));
+
+        Assert.Equal(1, result.Code);
+        Assert.Contains("openvla: error: policy server http://127.0.0.1:1/: Unavailable:", result.Output);
+        Assert.Single(result.Output.Trim().Split('\n'));
+    }
+
+    [Fact]
+    public async Task Serve_refuses_with_one_line_what_it_cannot_serve()
+    {
+        var dir = Directory.CreateTempSubdirectory("openvla-ckpt-").FullName;
+        try
+        {
+            var missing = await RunAsync("serve", "--checkpoint", Path.Combine(dir, "absent"));
+            var notACheckpoint = await RunAsync("serve", "--checkpoint", dir, "--port", "0", "--metrics-port", "-1");
+            var badFlags = await RunAsync("serve", "--checkpoint", dir, "--max-batch", "0");
+
+            Assert.Equal(2, missing.Code);
+            Assert.Contains("openvla: --checkpoint: directory not found", missing.Output);
+            Assert.Equal(2, notACheckpoint.Code);
+            Assert.Contains("config.json is missing", notACheckpoint.Output);
+            Assert.Equal(2, badFlags.Code);
+            Assert.Contains("--max-batch must be 1..1024, got 0", badFlags.Output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public async Task Serve_serves_a_checkpoint_until_SIGTERM_then_stops_cleanly()
+    {
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { Cli, "serve", "--checkpoint", TestPaths.Fixture("openvla-golden", "checkpoint"), "--port", "0", "--metrics-port", "-1" })
+            start.ArgumentList.Add(a);
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var log = new System.Text.StringBuilder();
+        string? address = null;
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        try
+        {
+            while (address is null && await process.StandardError.ReadLineAsync(timeout.Token) is { } line)
+            {
+                log.AppendLine(line);
+                if (line.StartsWith("openvla: serving on ")) address = line["openvla: serving on ".Length..].Split(' ')[0];
+            }
+            Assert.True(address is not null, log.ToString());
+            var stderrRest = process.StandardError.ReadToEndAsync();
+
+            var predict = await RunAsync("client", "predict", "--server", address!, "--image", TestPaths.Fixture("openvla-golden", "image0.png"),
+                "--instruction", "Pick up the red cube", "--unnorm-key", "sim_alpha", "--json");
+            Process.Start("kill", ["-TERM", process.Id.ToString()])!.WaitForExit();
+            await process.WaitForExitAsync(timeout.Token);
+
+            Assert.True(predict.Code == 0, predict.Output);
+            Assert.Contains("\"action\":[0.0362", predict.Output);
+            Assert.Equal(0, process.ExitCode);
+            Assert.Contains("stopped", await stderrRest);
+            Assert.Equal("", await stdout);
+        }
+        finally { if (!process.HasExited) process.Kill(entireProcessTree: true); }
+    }
+
+    static async Task<(int Code, string Output)> RunAsync(params string[] args)
+    {
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        start.ArgumentList.Add(Cli);
+        foreach (var a in args) start.ArgumentList.Add(a);
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        try { await process.WaitForExitAsync(timeout.Token); }
+        catch (OperationCanceledException) { process.Kill(entireProcessTree: true); throw new TimeoutException($"openvla {string.Join(' ', args)} ran past 60 s"); }
+        return (process.ExitCode, await stdout + await stderr);
+    }
+}

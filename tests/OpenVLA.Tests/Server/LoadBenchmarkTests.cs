@@ -1,0 +1,35 @@
+using OpenVLA.Server;
+
+namespace OpenVLA.Tests.Server;
+
+/// <summary>The load benchmark's machinery on a short run with a test policy (the real numbers come from `openvla bench-server`).</summary>
+public sealed class LoadBenchmarkTests
+{
+    [Fact]
+    public async Task A_short_run_measures_every_configuration_and_the_gain_over_max_batch_1()
+    {
+        var policy = new SlowPolicy(TimeSpan.FromMilliseconds(40)); // 25 actions/s serially, 8 robots offer 80 frames/s
+        var options = new LoadBenchmarkOptions
+        {
+            Robots = [1, 8], Duration = TimeSpan.FromSeconds(1.5), Warmup = TimeSpan.FromSeconds(0.3), Fps = 10, Repeats = 1,
+            GainRobots = 8, InProcessIterations = 5,
+        };
+
+        var report = await LoadBenchmark.RunAsync(policy, options, _ => { });
+
+        Assert.Equal([1, 8], report.Rows.Select(r => r.Robots));
+        Assert.InRange(report.InProcess.P50, 39, 500);
+        Assert.True(report.Unary.P50 >= report.InProcess.P50 * 0.9, $"{report.Unary.P50} vs {report.InProcess.P50}");
+        var one = report.Rows[0];
+        Assert.InRange(one.Sent, 10, 16); // 1.5 s at 10 Hz
+        Assert.InRange(one.Sent - one.Answered - one.SkippedStale, -2, 2); // every frame answered or counted (one may be in flight, or skipped in warm-up)
+        Assert.True(one.Answered >= one.Sent / 2, $"{one.Answered} of {one.Sent} answered");
+        Assert.Equal(0, one.Errors);
+        var eight = report.Rows[1];
+        Assert.Equal(1, report.WithoutBatching.MaxBatch);
+        Assert.True(report.WithoutBatching.SkippedStale > 0, "without batching the model cannot keep up: frames must be skipped");
+        Assert.True(eight.MeanBatch > 1.5, $"mean batch {eight.MeanBatch}");
+        Assert.True(report.BatchingGain > 1.5, $"gain {report.BatchingGain:F2}"); // a batch costs what one does here: ~3x ideally
+        Assert.Equal(0, eight.Errors + report.WithoutBatching.Errors);
+    }
+}
