@@ -93,12 +93,7 @@ internal static class PolicyVerbs
         var cmd = new Command("demo", "Make a mini random-weight checkpoint (once) and predict an action from a synthetic frame.");
         cmd.SetAction(_ =>
         {
-            var dir = Path.Combine(AppContext.BaseDirectory, "demo-checkpoint-mini");
-            if (!File.Exists(Path.Combine(dir, "config.json")) || !File.Exists(Path.Combine(dir, "model.safetensors")))
-            {
-                using var progress = new ConsoleProgress("demo: writing mini checkpoint");
-                CheckpointMaker.Write(dir, "mini", 0, torch.ScalarType.BFloat16, progress: progress);
-            }
+            var dir = DemoCheckpoint.Ensure();
             using var policy = VlaPolicy.Load(dir);
             var frame = SyntheticFrame(policy.Checkpoint.Config.ImageSize);
             var p = policy.Predict(new VlaObservation([frame], "pick up the red cube", "sim_tabletop"));
@@ -123,5 +118,19 @@ internal static class PolicyVerbs
                 px[i + 2] = (byte)(cube ? 30 : 100 + y * 60 / size);
             }
         return new RgbImage(size, size, px);
+    }
+}
+
+/// <summary>The random-weight mini checkpoint `demo` and a `serve` without --checkpoint use, written once next to the build.</summary>
+internal static class DemoCheckpoint
+{
+    public static string Ensure()
+    {
+        var dir = Path.Combine(AppContext.BaseDirectory, "demo-checkpoint-mini");
+        if (File.Exists(Path.Combine(dir, "config.json")) && File.Exists(Path.Combine(dir, "model.safetensors"))) return dir;
+        Console.Error.WriteLine($"openvla: no checkpoint given: writing a random-weight mini checkpoint to {dir} (once)");
+        using var progress = new ConsoleProgress("mini checkpoint");
+        CheckpointMaker.Write(dir, "mini", 0, torch.ScalarType.BFloat16, progress: progress);
+        return dir;
     }
 }

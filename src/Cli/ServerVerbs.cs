@@ -37,6 +37,10 @@ internal static class ServerVerbs
     // ---------------------------------------------------------------- serve
 
     static readonly Option<string> Checkpoint = new("--checkpoint") { Description = "checkpoint directory to serve", Required = true };
+    static readonly Option<string?> ServeCheckpoint = new("--checkpoint")
+    {
+        Description = "checkpoint directory to serve (default: a random-weight mini checkpoint generated once, until the trained default model ships)",
+    };
     static readonly Option<string> Quantize = new("--quantize") { Description = "weight-only quantization at load: none, int8 or int4", DefaultValueFactory = _ => "none" };
     static readonly Option<string> Device = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
     static readonly Option<string?> DType = new("--dtype") { Description = "compute precision: f32 or bf16 (default: f32, bf16 when quantized)" };
@@ -61,14 +65,14 @@ internal static class ServerVerbs
         var jsonLogs = new Option<bool>("--json-logs") { Description = "structured JSON log lines on stderr" };
         var command = new Command("serve", "Serve a policy over gRPC (openvla.v1) to robots, with dynamic batching across robots.")
         {
-            Checkpoint, Quantize, Device, DType, CenterCrop, Threads, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide,
+            ServeCheckpoint, Quantize, Device, DType, CenterCrop, Threads, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide,
             apiKeyFile, tlsCert, tlsKey, tlsClientCa, jsonLogs,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
             var options = new ServeOptions
             {
-                Checkpoint = parse.GetValue(Checkpoint)!, Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
+                Checkpoint = parse.GetValue(ServeCheckpoint) ?? DemoCheckpoint.Ensure(), Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
                 DType = parse.GetValue(DType), CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
                 Host = parse.GetValue(host)!, Port = parse.GetValue(port),
                 MetricsHost = parse.GetValue(metricsHost)!, MetricsPort = parse.GetValue(metricsPort) is var m && m < 0 ? null : m,
