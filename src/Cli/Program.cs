@@ -4,6 +4,9 @@ using OpenVLA.Cli;
 // `openvla <verb> --long-option value`. Exit codes: 0 ok, 1 failure, 2 usage or input error.
 // Each area contributes its verbs from its own file (PolicyVerbs.cs, ...); this file only dispatches and maps errors.
 // Policy backends the evaluator can name (eval and its worker processes run this same start-up).
+// Large tensors are mapped and unmapped rather than kept in glibc's heap (see ProcessMemory): resident memory then
+// follows the live tensors in every verb, which matters for a 7B model on a 24 GB machine.
+ProcessMemory.LimitHeapFragmentation();
 PolicyBackends.InWorker = args.Length > 0 && args[0] == "sim-worker";
 OpenVLA.RobotClients.Evaluation.RolloutPolicies.UnnormKey = PolicyBackends.UnnormKey;
 OpenVLA.RobotClients.Evaluation.RolloutPolicies.CheckpointFactory = dir => OpenVLA.Policy.VlaPolicy.Load(dir, PolicyBackends.FromEnvironment());

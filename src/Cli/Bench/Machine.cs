@@ -57,21 +57,9 @@ internal sealed record Machine(string Cpu, int Cores, double MemoryGiB, int Torc
         return n * 4 / best / 1e9;
     }
 
-    public static long PeakRssBytes()
-    {
-        var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmHWM:"));
-        return line is null ? 0 : long.Parse(line.Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
-    }
+    public static long PeakRssBytes() => ProcessMemory.PeakRss();
 
-    public static long RssBytes()
-    {
-        var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmRSS:"));
-        return line is null ? 0 : long.Parse(line.Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
-    }
+    public static long RssBytes() => ProcessMemory.CurrentRss();
 
-    /// <summary>Resets the kernel's peak-RSS counter of this process (Linux ≥ 4.0), so each configuration gets its own peak.</summary>
-    public static void ResetPeakRss()
-    {
-        try { File.WriteAllText("/proc/self/clear_refs", "5"); } catch (IOException) { } catch (UnauthorizedAccessException) { }
-    }
+    public static void ResetPeakRss() => ProcessMemory.ResetPeak();
 }
