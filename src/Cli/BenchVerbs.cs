@@ -10,6 +10,10 @@ internal static class BenchVerbs
 {
     public static IEnumerable<Command> Create() => [Bench()];
 
+    /// <summary>Resident growth per 1000 predictions, after warm-up, above which the soak fails (a leak of one small
+    /// tensor per prediction already exceeds it).</summary>
+    const double SoakLimitMbPer1000 = 1.0;
+
     static Command Bench()
     {
         var presets = new Option<string>("--presets") { Description = "comma-separated: tiny, mini, openvla-7b", DefaultValueFactory = _ => "mini" };
@@ -39,8 +43,16 @@ internal static class BenchVerbs
                 using var progress = new ConsoleProgress("soak");
                 var (samples, growth) = SoakBench.Run("tiny", r.GetValue(soak), progress.Report);
                 md.AppendLine();
+                bool flat = growth <= SoakLimitMbPer1000;
                 md.AppendLine($"Soak: {r.GetValue(soak)} predictions of the tiny preset (bf16) in one process; RSS after each {samples[0].Prediction}: " +
-                              string.Join(", ", samples.Select(s => $"{s.RssBytes / 1e6:0}")) + $" MB; growth over the second half {growth:0.00} MB per 1000 predictions.");
+                              string.Join(", ", samples.Select(s => $"{s.RssBytes / 1e6:0}")) + $" MB; growth over the second half (least-squares slope) {growth:0.00} MB per 1000 predictions " +
+                              (flat ? $"(flat: limit {SoakLimitMbPer1000} MB)." : $"— FAILED: over the {SoakLimitMbPer1000} MB limit."));
+                if (!flat)
+                {
+                    Console.WriteLine(md.ToString());
+                    Console.Error.WriteLine($"openvla: soak failed: resident memory grew {growth:0.00} MB per 1000 predictions");
+                    return CliExit.Failure;
+                }
             }
             Console.WriteLine(md.ToString());
             if (r.GetValue(output) is string path) DocSections.Replace(path, "inference", md.ToString());

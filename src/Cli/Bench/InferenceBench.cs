@@ -133,9 +133,15 @@ internal static class SoakBench
                 policy.Predict(obs);
                 if (i % every == 0) { GC.Collect(); samples.Add((i, Machine.RssBytes())); progress((double)i / predictions); }
             }
-            // Growth over the second half (after allocator warm-up), per 1000 predictions.
+            // Growth over the second half (after allocator warm-up): least-squares slope, MB per 1000 predictions.
             var half = samples.Skip(samples.Count / 2).ToList();
-            double growth = half.Count < 2 ? 0 : (half[^1].Item2 - half[0].Item2) / 1e6 / ((half[^1].Item1 - half[0].Item1) / 1000.0);
+            double growth = 0;
+            if (half.Count >= 2)
+            {
+                double mx = half.Average(h => (double)h.Item1), my = half.Average(h => h.Item2 / 1e6);
+                double sxy = half.Sum(h => (h.Item1 - mx) * (h.Item2 / 1e6 - my)), sxx = half.Sum(h => (h.Item1 - mx) * (h.Item1 - mx));
+                growth = sxx == 0 ? 0 : sxy / sxx * 1000;
+            }
             return (samples, growth);
         }
         finally { Directory.Delete(dir, recursive: true); }
