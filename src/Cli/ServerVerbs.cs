@@ -16,11 +16,10 @@ namespace OpenVLA.Cli;
 internal static class ServerVerbs
 {
     /// <summary>How `serve` and `bench-server` get the policy: the policy core's loader with the serve options.</summary>
-    internal static IActionPolicy LoadPolicy(ServeOptions options, CancellationToken cancellationToken) =>
-        VlaPolicy.Load(options.Checkpoint, new PolicyOptions
-        {
-            Device = options.Device, DType = options.DType, Quantize = options.Quantize, CenterCrop = options.CenterCrop, Threads = options.Threads,
-        });
+    /// <summary>The policy factory of serve and bench-server: the checkpoint with the load options every model verb
+    /// shares (<see cref="ModelOptions"/>: precision, quantization, device, threads, --adapter).</summary>
+    static Func<ServeOptions, CancellationToken, IActionPolicy> PolicyLoader(PolicyOptions load) =>
+        (options, _) => VlaPolicy.Load(options.Checkpoint, load);
 
     public static IEnumerable<Command> Create()
     {
@@ -41,11 +40,7 @@ internal static class ServerVerbs
     {
         Description = "checkpoint directory to serve (default: a random-weight mini checkpoint generated once, until the trained default model ships)",
     };
-    static readonly Option<string> Quantize = new("--quantize") { Description = "weight-only quantization at load: none, int8 or int4", DefaultValueFactory = _ => "none" };
-    static readonly Option<string> Device = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
-    static readonly Option<string?> DType = new("--dtype") { Description = "compute precision: f32 or bf16 (default: f32, bf16 when quantized)" };
     static readonly Option<bool> CenterCrop = new("--center-crop") { Description = "center crop (area 0.9) for checkpoints trained with image augmentation" };
-    static readonly Option<int?> Threads = new("--threads") { Description = "CPU threads for the model (default: one per core)" };
 
     static Command Serve()
     {
@@ -65,15 +60,18 @@ internal static class ServerVerbs
         var jsonLogs = new Option<bool>("--json-logs") { Description = "structured JSON log lines on stderr" };
         var command = new Command("serve", "Serve a policy over gRPC (openvla.v1) to robots, with dynamic batching across robots.")
         {
-            ServeCheckpoint, Quantize, Device, DType, CenterCrop, Threads, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide,
+            ServeCheckpoint, CenterCrop, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide,
             apiKeyFile, tlsCert, tlsKey, tlsClientCa, jsonLogs,
         };
+        var model = new ModelOptions();
+        model.AddTo(command);
         command.SetAction(async (parse, cancellationToken) =>
         {
+            var load = model.Read(parse, parse.GetValue(CenterCrop));
             var options = new ServeOptions
             {
-                Checkpoint = parse.GetValue(ServeCheckpoint) ?? DemoCheckpoint.Ensure(), Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
-                DType = parse.GetValue(DType), CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
+                Checkpoint = parse.GetValue(ServeCheckpoint) ?? DemoCheckpoint.Ensure(), Quantize = load.Quantize, Device = load.Device,
+                DType = load.DType, CenterCrop = load.CenterCrop, Threads = load.Threads,
                 Host = parse.GetValue(host)!, Port = parse.GetValue(port),
                 MetricsHost = parse.GetValue(metricsHost)!, MetricsPort = parse.GetValue(metricsPort) is var m && m < 0 ? null : m,
                 MaxBatch = parse.GetValue(maxBatch), MaxQueueDelayMs = parse.GetValue(maxDelay), MaxQueue = parse.GetValue(maxQueue),
@@ -84,7 +82,7 @@ internal static class ServerVerbs
             if (!Directory.Exists(options.Checkpoint)) throw new UsageException($"--checkpoint: directory not found: {options.Checkpoint}");
             if (options.Problem() is { } problem) throw new UsageException(problem);
             PolicyServer server;
-            try { server = await PolicyServer.StartAsync(options, LoadPolicy, cancellationToken: cancellationToken); }
+            try { server = await PolicyServer.StartAsync(options, PolicyLoader(load), cancellationToken: cancellationToken); }
             catch (Exception e) when (e is ArgumentException or InvalidDataException) { throw new UsageException(e.Message); }
             catch (IOException e) { throw new UsageException($"cannot listen on {options.Host}:{options.Port}: {e.Message}"); }
             Exception? failure = null;
@@ -387,10 +385,13 @@ internal static class ServerVerbs
         var command = new Command("bench-server",
             "Load benchmark (not a test): N simulated robots stream 224x224 JPEG frames to a loopback server; prints actions/s, latency, overhead, batching gain.")
         {
-            Checkpoint, Quantize, Device, DType, CenterCrop, Threads, robots, duration, warmup, fps, repeats, maxBatch, maxDelay, Json,
+            Checkpoint, CenterCrop, robots, duration, warmup, fps, repeats, maxBatch, maxDelay, Json,
         };
+        var model = new ModelOptions();
+        model.AddTo(command);
         command.SetAction(async (parse, cancellationToken) =>
         {
+            var load = model.Read(parse, parse.GetValue(CenterCrop));
             int[] counts;
             try { counts = parse.GetValue(robots)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse).ToArray(); }
             catch (FormatException) { throw new UsageException($"--robots must be comma-separated numbers, got '{parse.GetValue(robots)}'"); }
@@ -408,11 +409,11 @@ internal static class ServerVerbs
             if (!Directory.Exists(checkpoint)) throw new UsageException($"--checkpoint: directory not found: {checkpoint}");
             var serve = new ServeOptions
             {
-                Checkpoint = checkpoint, Quantize = parse.GetValue(Quantize)!, Device = parse.GetValue(Device)!,
-                DType = parse.GetValue(DType), CenterCrop = parse.GetValue(CenterCrop), Threads = parse.GetValue(Threads),
+                Checkpoint = checkpoint, Quantize = load.Quantize, Device = load.Device,
+                DType = load.DType, CenterCrop = load.CenterCrop, Threads = load.Threads,
             };
             Console.Error.WriteLine($"openvla: loading {checkpoint}");
-            var policy = LoadPolicy(serve, cancellationToken);
+            var policy = PolicyLoader(load)(serve, cancellationToken);
             try
             {
                 var report = await LoadBenchmark.RunAsync(policy, options, line => Console.Error.WriteLine($"openvla: {line}"), cancellationToken);

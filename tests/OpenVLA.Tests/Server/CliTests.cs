@@ -85,6 +85,7 @@ public sealed class CliTests
             var missing = await RunAsync("serve", "--checkpoint", Path.Combine(dir, "absent"));
             var notACheckpoint = await RunAsync("serve", "--checkpoint", dir, "--port", "0", "--metrics-port", "-1");
             var badFlags = await RunAsync("serve", "--checkpoint", dir, "--max-batch", "0");
+            var badQuantize = await RunAsync("serve", "--checkpoint", dir, "--quantize", "int4", "--group-size", "48");
 
             Assert.Equal(2, missing.Code);
             Assert.Contains("openvla: --checkpoint: directory not found", missing.Output);
@@ -92,6 +93,9 @@ public sealed class CliTests
             Assert.Contains("config.json is missing", notACheckpoint.Output);
             Assert.Equal(2, badFlags.Code);
             Assert.Contains("--max-batch must be 1..1024, got 0", badFlags.Output);
+            // serve takes the model options every loading verb shares (ModelOptions), validated before anything starts.
+            Assert.Equal(2, badQuantize.Code);
+            Assert.Contains("int4 group size must be 32, 64, 128 or 256, got 48", badQuantize.Output);
         }
         finally { Directory.Delete(dir, recursive: true); }
     }
