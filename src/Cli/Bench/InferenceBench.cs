@@ -36,7 +36,7 @@ internal static class InferenceBench
                         log($"{preset} f32: skipped (30 GB of float32 weights do not fit in {machine.MemoryGiB:0} GiB)");
                         continue;
                     }
-                    Machine.ResetPeakRss();
+                    ProcessMemory.ResetPeak();
                     var options = precision switch
                     {
                         "f32" => new PolicyOptions { DType = "f32" },
@@ -85,7 +85,7 @@ internal static class InferenceBench
         double computeFloorMs = (Costs.VisionFlops(policy.Checkpoint.Config, batch) + Costs.PrefillFlops(policy.Checkpoint.Config, seq, batch)) / (machine.Bf16GemmGflops * 1e9) * 1e3;
         double decodeFloorMs = Costs.DecodeBytes(policy.Model, seq + steps / 2, batch) / (machine.ReadBandwidthGBs * 1e9) * 1e3;
         return new InferenceResult(preset, precision, batch, repeats, vision, prefill, decodeToken, action,
-            timings.Min(t => t.TotalMs), timings.Max(t => t.TotalMs), batch / (action / 1e3), Machine.PeakRssBytes(), weightBytes,
+            timings.Min(t => t.TotalMs), timings.Max(t => t.TotalMs), batch / (action / 1e3), ProcessMemory.PeakRss(), weightBytes,
             (vision + prefill) / computeFloorMs, decodeToken / decodeFloorMs, promptTokens);
     }
 
@@ -131,7 +131,7 @@ internal static class SoakBench
             for (int i = 1; i <= predictions; i++)
             {
                 policy.Predict(obs);
-                if (i % every == 0) { GC.Collect(); samples.Add((i, Machine.RssBytes())); progress((double)i / predictions); }
+                if (i % every == 0) { GC.Collect(); samples.Add((i, ProcessMemory.CurrentRss())); progress((double)i / predictions); }
             }
             // Growth over the second half (after allocator warm-up): least-squares slope, MB per 1000 predictions.
             var half = samples.Skip(samples.Count / 2).ToList();

@@ -56,10 +56,4 @@ internal sealed record Machine(string Cpu, int Cores, double MemoryGiB, int Torc
         }
         return n * 4 / best / 1e9;
     }
-
-    public static long PeakRssBytes() => ProcessMemory.PeakRss();
-
-    public static long RssBytes() => ProcessMemory.CurrentRss();
-
-    public static void ResetPeakRss() => ProcessMemory.ResetPeak();
 }
