@@ -42,7 +42,6 @@ public sealed record PolicyOptions
         _ => throw new PolicyInputException($"unknown dtype '{DType}' (valid: f32, bf16)"),
     };
 
-    public string DTypeName => ScalarType == ScalarType.Float32 ? "f32" : "bf16";
 }
 
 /// <summary>

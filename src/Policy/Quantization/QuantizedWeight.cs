@@ -102,15 +102,11 @@ internal static class KernelChoice
 {
     static readonly ConcurrentDictionary<(QuantMode, long, long, int, long), bool> Choices = new();
 
-    /// <summary>Force one path (tests, benchmarks); null measures.</summary>
-    public static bool? Forced { get; set; }
-
     public static bool UsePacked(QuantizedWeight w, long rows, Tensor x2)
     {
         // ATen's _weight_int8pack_mm reads past the rows when the input width is not a multiple of 16 and more than one
         // row comes in (measured: K = 8, 24, 40, 90 crash the process with 17+ rows; 16, 32, 48, 64, 96 are fine).
         if (w.Mode == QuantMode.Int8 && w.InFeatures % 16 != 0) return false;
-        if (Forced is bool f) return f;
         if (rows <= 8) return true; // decode steps: the packed GEMV reads 2–4× fewer bytes, never slower
         // The CPU int4 layout is blocked (not plain nibbles), so dequantizing it costs a whole GEMM through the kernel
         // (Dequantize multiplies the identity): int4 always takes the packed kernel.
