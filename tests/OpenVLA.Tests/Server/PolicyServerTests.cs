@@ -157,7 +157,7 @@ public sealed class PolicyServerTests
         using var client = TestServer.Client(server);
 
         var busy = client.PredictAsync(TestServer.Raw(TestServer.Frame(1), instruction: "occupy the model"));
-        await Task.Delay(50);
+        await policy.Computing("occupy the model");
         var late = await Assert.ThrowsAsync<RpcException>(() =>
             client.PredictAsync(TestServer.Raw(TestServer.Frame(2), instruction: "too late"), timeout: TimeSpan.FromMilliseconds(100)));
         await busy;
@@ -263,11 +263,12 @@ public sealed class PolicyServerTests
     [Fact]
     public async Task Stopping_answers_requests_already_in_flight()
     {
-        await using var server = await TestServer.StartAsync(new SlowPolicy(TimeSpan.FromMilliseconds(300)));
+        var policy = new SlowPolicy(TimeSpan.FromMilliseconds(300));
+        await using var server = await TestServer.StartAsync(policy);
         using var client = TestServer.Client(server);
 
-        var inFlight = client.PredictAsync(TestServer.Raw(TestServer.Frame(9)));
-        await Task.Delay(100);
+        var inFlight = client.PredictAsync(TestServer.Raw(TestServer.Frame(9), instruction: "in flight"));
+        await policy.Computing("in flight");
         await server.StopAsync();
 
         Assert.Equal(7, (await inFlight).Action.Values.Count);
@@ -276,13 +277,14 @@ public sealed class PolicyServerTests
     [Fact]
     public async Task Stopping_answers_the_frame_a_stream_already_sent_then_ends_the_stream_UNAVAILABLE()
     {
-        await using var server = await TestServer.StartAsync(new SlowPolicy(TimeSpan.FromMilliseconds(300)));
+        var policy = new SlowPolicy(TimeSpan.FromMilliseconds(300));
+        await using var server = await TestServer.StartAsync(policy);
         using var client = TestServer.Client(server);
         using var call = client.Raw.StreamActions(deadline: DateTime.UtcNow.AddSeconds(10));
-        var observation = TestServer.Raw(TestServer.Frame(9));
+        var observation = TestServer.Raw(TestServer.Frame(9), instruction: "in flight");
         observation.Seq = 1;
         await call.RequestStream.WriteAsync(new StreamActionsRequest { Observation = observation });
-        await Task.Delay(100);
+        await policy.Computing("in flight");
 
         var stopping = server.StopAsync();
         Assert.True(await call.ResponseStream.MoveNext());

@@ -40,10 +40,23 @@ internal class DeterministicPolicy : IActionPolicy
 /// <summary>Takes <see cref="Delay"/> per forward pass, like a real model on a slow machine.</summary>
 internal sealed class SlowPolicy(TimeSpan delay) : DeterministicPolicy
 {
+    readonly ConcurrentDictionary<string, TaskCompletionSource> computing = new();
+
     public TimeSpan Delay { get; } = delay;
+
+    /// <summary>
+    /// Completes when a forward pass over <paramref name="instruction"/> has begun: tests wait on this rather than on a
+    /// fixed delay, which a cold, busy machine can outlast before the request even connects.
+    /// </summary>
+    public Task Computing(string instruction) =>
+        Signal(instruction).Task.WaitAsync(TimeSpan.FromSeconds(30));
+
+    TaskCompletionSource Signal(string instruction) =>
+        computing.GetOrAdd(instruction, _ => new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously));
 
     public override IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
     {
+        foreach (var o in observations) Signal(o.Instruction).TrySetResult();
         Thread.Sleep(Delay);
         return base.PredictBatch(observations, cancellationToken);
     }
