@@ -4,7 +4,8 @@ using Parquet.Serialization;
 namespace OpenVLA.Simulation.Datasets;
 
 /// <summary>One demonstration to record: which task, from which seed, into which file.</summary>
-public sealed record DemoJob(int EpisodeIndex, string TaskId, int Seed, double Noise, int ImageSize, bool Wrist, string OutDir, string[] SuiteTasks);
+public sealed record DemoJob(int EpisodeIndex, string TaskId, int Seed, double Noise, int ImageSize, bool Wrist, string OutDir, string[] SuiteTasks,
+    bool ExpertLabels = false);
 
 /// <summary>What a recorded episode contributes to the dataset metadata and statistics.</summary>
 public sealed record DemoEpisode(
@@ -43,7 +44,7 @@ public static class DemoRecorder
                 if (job.Wrist) wrist.Add(env.Render(wrist: true));
                 states.Add(env.State());
                 var action = expert.Act(env);
-                actions.Add(action);
+                actions.Add(job.ExpertLabels ? expert.ExpertAction : action);
                 env.Step(action);
                 success = task.IsSuccess(env, episode.Args, start);
             }

@@ -6,7 +6,7 @@ namespace OpenVLA.Simulation.Datasets;
 /// <summary>Options of <c>openvla demos</c>.</summary>
 public sealed record DemoOptions(
     IReadOnlyList<TabletopTask> Tasks, int EpisodesPerTask, string OutDir, double Noise = 0, int Seed = 0, int Workers = 1,
-    int ImageSize = 224, bool Wrist = false, string DatasetName = "tabletop");
+    int ImageSize = 224, bool Wrist = false, string DatasetName = "tabletop", bool ExpertLabels = false);
 
 /// <summary>What <c>demos</c> produced.</summary>
 public sealed record DemoSummary(int Episodes, long Frames, int ExpertAttempts, double Seconds, IReadOnlyList<WorkerCrash> Crashes,
@@ -23,7 +23,7 @@ public static class DemoSuite
         var suiteTasks = o.Tasks.Select(t => t.Id).ToArray();
         var jobs = o.Tasks.SelectMany(t => Enumerable.Range(0, o.EpisodesPerTask).Select(i => (t.Id, i)))
             .Select((x, index) => new DemoJob(index, x.Id, TabletopTasks.EpisodeSeed(o.Seed, x.Id, x.i), o.Noise, o.ImageSize, o.Wrist,
-                Path.GetFullPath(o.OutDir), suiteTasks))
+                Path.GetFullPath(o.OutDir), suiteTasks, o.ExpertLabels))
             .ToList();
         var episodes = new DemoEpisode[jobs.Count];
         var crashes = new List<WorkerCrash>();

@@ -39,10 +39,17 @@ public sealed class ScriptedExpert
 
     public string PhaseName => _phase.ToString();
 
+    /// <summary>
+    /// What the clean expert would have commanded at the last <see cref="Act"/> (before noise, pause or detour): the
+    /// label of DART-style demonstrations, which execute the noisy action but teach the clean one.
+    /// </summary>
+    public float[] ExpertAction { get; private set; } = [];
+
     public float[] Act(TabletopEnv env)
     {
         _step++;
         var (goal, gripper) = _episode.TaskId == "push_to_target" ? PushGoal(env) : PickPlaceGoal(env);
+        ExpertAction = Command(goal - env.Tcp, gripper);
         if (_noise is not null)
         {
             if (_step == _detourAt)
@@ -55,17 +62,17 @@ public sealed class ScriptedExpert
             if (_pauseLeft > 0) { _pauseLeft--; return [0, 0, 0, 0, 0, 0, (float)env.GripperCommand]; }
             if (_rng.NextDouble() < _noise.PauseProbability) _pauseLeft = _rng.Next(1, 4);
         }
-        var d = goal - env.Tcp;
-        double limit = Step;
-        var action = new float[]
-        {
-            (float)Math.Clamp(d.X, -limit, limit), (float)Math.Clamp(d.Y, -limit, limit), (float)Math.Clamp(d.Z, -limit, limit),
-            0, 0, 0, (float)gripper,
-        };
+        var action = Command(goal - env.Tcp, gripper);
         if (_noise is not null)
             for (int i = 0; i < 3; i++) action[i] += (float)(Gaussian() * _noise.Sigma);
         return action;
     }
+
+    private static float[] Command(Vec3 d, double gripper) =>
+    [
+        (float)Math.Clamp(d.X, -Step, Step), (float)Math.Clamp(d.Y, -Step, Step), (float)Math.Clamp(d.Z, -Step, Step),
+        0, 0, 0, (float)gripper,
+    ];
 
     private double Gaussian() => Math.Sqrt(-2 * Math.Log(1 - _rng.NextDouble())) * Math.Cos(2 * Math.PI * _rng.NextDouble());
 

@@ -52,6 +52,33 @@ public sealed class TabletopTaskTests
     }
 
     [Fact]
+    public void Expert_labels_are_the_clean_command_while_the_noisy_one_is_executed()
+    {
+        using var env = new TabletopEnv(imageSize: 32);
+        var episode = TabletopTasks.Get("pick_up").Sample(5);
+        var clean = new ScriptedExpert(episode);
+        Assert.True(Run(env, episode, () => { var a = clean.Act(env); Assert.Equal(a, clean.ExpertAction); return a; }).Success);
+
+        var noisy = new ScriptedExpert(episode, new ExpertNoise(Sigma: 0.004, PauseProbability: 0, DetourProbability: 0), noiseSeed: 3);
+        var noise = new List<double>();
+        Run(env, episode, () =>
+        {
+            var executed = noisy.Act(env);
+            var label = noisy.ExpertAction;
+            for (int i = 0; i < 3; i++)
+            {
+                noise.Add(executed[i] - label[i]);
+                Assert.InRange(label[i], -0.02f, 0.02f); // the expert's step limit: the label carries no noise
+            }
+            Assert.Equal(executed[3..], label[3..]);
+            return executed;
+        });
+        double mean = noise.Average(), std = Math.Sqrt(noise.Average(d => (d - mean) * (d - mean)));
+        Assert.InRange(std, 0.003, 0.005); // executed − label is exactly the injected N(0, 4 mm) noise
+        Assert.InRange(Math.Abs(mean), 0, 0.0015);
+    }
+
+    [Fact]
     public void The_same_seed_gives_the_same_episode_and_seeds_differ_between_trials()
     {
         var task = TabletopTasks.Get("push_to_target");
