@@ -1,15 +1,56 @@
 using System.CommandLine;
 using System.Text.Json.Nodes;
 using OpenVLA.Policy;
+using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Model;
 using OpenVLA.Policy.Preprocessing;
 using OpenVLA.Policy.Quantization;
+using TorchSharp;
 
 namespace OpenVLA.Cli;
 
-/// <summary>quantize (write a pre-quantized checkpoint) and fidelity (compare none/int8/int4 on the same observations).</summary>
+/// <summary>
+/// quantize (write a pre-quantized checkpoint), convert (change the stored float precision) and fidelity (compare
+/// none/int8/int4 on the same observations).
+/// </summary>
 internal static class QuantizationVerbs
 {
-    public static IEnumerable<Command> Create() => [Quantize(), Fidelity()];
+    public static IEnumerable<Command> Create() => [Quantize(), Convert(), Fidelity()];
+
+    static Command Convert()
+    {
+        var checkpoint = new Option<string>("--checkpoint") { Description = "bf16/f32 Hugging Face OpenVLA checkpoint directory", Required = true };
+        var outDir = new Option<string>("--out") { Description = "directory for the converted checkpoint", Required = true };
+        var dtype = new Option<string>("--dtype") { Description = "stored precision: bf16 or f32", Required = true };
+        var cmd = new Command("convert",
+            "Write a copy of a checkpoint in another float precision (e.g. a full training run's f32 weights as bf16, as published checkpoints are).")
+            { checkpoint, outDir, dtype };
+        cmd.SetAction(r =>
+        {
+            var source = VlaCheckpoint.Open(r.GetValue(checkpoint)!);
+            var stored = FineTuneVerbs.StoredType(r.GetValue(dtype)!);
+            if (source.Config.StoredQuantization is not null) throw new UsageException("--checkpoint is pre-quantized; convert needs a bf16/f32 checkpoint");
+            // Load in f32 and round once to the stored precision.
+            using var model = new OpenVlaModel(source.Config, ModelPrecision.Cpu(torch.ScalarType.Float32));
+            WeightLoader.Load(model, source);
+            string outPath = r.GetValue(outDir)!;
+            CheckpointWriter.Write(outPath, source, model, stored, datasetStatistics: null);
+            // A fine-tune's statistics live in dataset_statistics.json, which our loader (like the reference's
+            // deploy script) prefers; transformers' predict_action reads config.json's norm_stats, so the copy carries the
+            // statistics the checkpoint really un-normalizes with in both places.
+            var statsPath = Path.Combine(outPath, "dataset_statistics.json");
+            if (File.Exists(statsPath))
+            {
+                var configPath = Path.Combine(outPath, "config.json");
+                var config = JsonNode.Parse(File.ReadAllText(configPath))!.AsObject();
+                config["norm_stats"] = JsonNode.Parse(File.ReadAllText(statsPath));
+                File.WriteAllText(configPath, config.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+            }
+            Console.WriteLine(Path.GetFullPath(outPath));
+            return CliExit.Ok;
+        });
+        return cmd;
+    }
 
     static Command Quantize()
     {

@@ -12,7 +12,7 @@ public sealed record CheckpointPreset(
 {
     public bool Published => Dino is null;
 
-    public static IReadOnlyList<string> Names => ["tiny", "mini", "openvla-7b"];
+    public static IReadOnlyList<string> Names => ["tiny", "small", "mini", "openvla-7b"];
 
     public static CheckpointPreset Get(string name) => name switch
     {
@@ -21,6 +21,12 @@ public sealed record CheckpointPreset(
             new VitConfig(32, 3, 2, 64, 14, 56, 4, true, true, false),
             new VitConfig(64, 3, 2, 128, 14, 56, 0, false, false, true),
             Llama(hidden: 64, layers: 2, heads: 4, intermediate: 128, tokenizerVocab: 1024), 1024),
+        // The embedded default policy (scripts/train-default-model): trained from scratch on the simulation suite on a
+        // 2-core CPU, so 112 px (8×8 patches per tower) and narrow towers; one action well under 100 ms on 2 cores.
+        "small" => new("small", 112,
+            new VitConfig(128, 4, 4, 512, 14, 112, 4, true, true, false),
+            new VitConfig(128, 4, 4, 512, 14, 112, 0, false, false, true),
+            Llama(hidden: 256, layers: 4, heads: 4, intermediate: 768, tokenizerVocab: 1024), 1024),
         // The real geometry (224 px, 256 patches per tower, 7 action tokens) at a width a CPU runs in tens of ms.
         "mini" => new("mini", 224,
             new VitConfig(192, 6, 3, 768, 14, 224, 4, true, true, false),
