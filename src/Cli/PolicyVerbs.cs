@@ -4,6 +4,7 @@ using System.Text.Json.Nodes;
 using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
 using OpenVLA.Policy.Preprocessing;
+using OpenVLA.Simulation.Tabletop;
 using TorchSharp;
 
 namespace OpenVLA.Cli;
@@ -15,7 +16,7 @@ internal static class PolicyVerbs
 
     static Command Predict()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "Hugging Face OpenVLA checkpoint directory", Required = true };
+        var checkpoint = new Option<string?>("--checkpoint") { Description = $"Hugging Face OpenVLA checkpoint directory (default: the embedded {DefaultModel.Name})" };
         var image = new Option<string>("--image") { Description = "camera frame (PNG or JPEG)", Required = true };
         var instruction = new Option<string>("--instruction") { Description = "what the robot should do", Required = true };
         var unnormKey = new Option<string?>("--unnorm-key") { Description = "dataset statistics to un-normalize with (required when the checkpoint has several)" };
@@ -29,7 +30,7 @@ internal static class PolicyVerbs
         {
             var options = model.Read(r, r.GetValue(centerCrop));
             var frame = ImageDecoder.Load(r.GetValue(image)!);
-            using var policy = VlaPolicy.Load(r.GetValue(checkpoint)!, options);
+            using var policy = VlaPolicy.Load(DefaultModel.Resolve(r.GetValue(checkpoint)), options);
             var p = policy.Predict(new VlaObservation([frame], r.GetValue(instruction)!, r.GetValue(unnormKey)));
             if (r.GetValue(json)) Console.WriteLine(PredictionJson(p).ToJsonString());
             else
@@ -90,47 +91,21 @@ internal static class PolicyVerbs
 
     static Command Demo()
     {
-        var cmd = new Command("demo", "Make a mini random-weight checkpoint (once) and predict an action from a synthetic frame.");
+        var cmd = new Command("demo", "Predict one action with the default model from a rendered frame of the tabletop simulation.");
         cmd.SetAction(_ =>
         {
-            var dir = DemoCheckpoint.Ensure();
+            var dir = DefaultModel.Resolve(null);
             using var policy = VlaPolicy.Load(dir);
-            var frame = SyntheticFrame(policy.Checkpoint.Config.ImageSize);
-            var p = policy.Predict(new VlaObservation([frame], "pick up the red cube", "sim_tabletop"));
-            Console.WriteLine($"checkpoint: {dir} (random weights, so the action is arbitrary)");
+            int size = policy.Checkpoint.Config.ImageSize;
+            var task = TabletopTasks.All[0];
+            var episode = task.Sample(TabletopTasks.EpisodeSeed(7, task.Id, 0));
+            byte[] pixels;
+            using (var env = new TabletopEnv(size)) { env.Reset(episode.Layout); pixels = env.Render(); }
+            var p = policy.Predict(new VlaObservation([new RgbImage(size, size, pixels)], episode.Instruction));
+            Console.WriteLine($"instruction: {episode.Instruction} (first frame of a {task.Id} episode, {size}x{size})");
             Console.WriteLine(PredictionJson(p).ToJsonString(new JsonSerializerOptions { WriteIndented = false }));
             return CliExit.Ok;
         });
         return cmd;
-    }
-
-    /// <summary>A grey table with a red square: something to look at, not a real camera frame.</summary>
-    static RgbImage SyntheticFrame(int size)
-    {
-        var px = new byte[size * size * 3];
-        for (int y = 0; y < size; y++)
-            for (int x = 0; x < size; x++)
-            {
-                int i = (y * size + x) * 3;
-                bool cube = Math.Abs(x - size / 2) < size / 10 && Math.Abs(y - size * 2 / 3) < size / 10;
-                px[i] = (byte)(cube ? 200 : 120 + y * 60 / size);
-                px[i + 1] = (byte)(cube ? 30 : 110 + y * 60 / size);
-                px[i + 2] = (byte)(cube ? 30 : 100 + y * 60 / size);
-            }
-        return new RgbImage(size, size, px);
-    }
-}
-
-/// <summary>The random-weight mini checkpoint `demo` and a `serve` without --checkpoint use, written once next to the build.</summary>
-internal static class DemoCheckpoint
-{
-    public static string Ensure()
-    {
-        var dir = Path.Combine(AppContext.BaseDirectory, "demo-checkpoint-mini");
-        if (File.Exists(Path.Combine(dir, "config.json")) && File.Exists(Path.Combine(dir, "model.safetensors"))) return dir;
-        Console.Error.WriteLine($"openvla: no checkpoint given: writing a random-weight mini checkpoint to {dir} (once)");
-        using var progress = new ConsoleProgress("mini checkpoint");
-        CheckpointMaker.Write(dir, "mini", 0, torch.ScalarType.BFloat16, progress: progress);
-        return dir;
     }
 }

@@ -38,7 +38,7 @@ internal static class ServerVerbs
     static readonly Option<string> Checkpoint = new("--checkpoint") { Description = "checkpoint directory to serve", Required = true };
     static readonly Option<string?> ServeCheckpoint = new("--checkpoint")
     {
-        Description = "checkpoint directory to serve (default: a random-weight mini checkpoint generated once, until the trained default model ships)",
+        Description = $"checkpoint directory to serve (default: the embedded {DefaultModel.Name})",
     };
     static readonly Option<bool> CenterCrop = new("--center-crop") { Description = "center crop (area 0.9) for checkpoints trained with image augmentation" };
 
@@ -70,7 +70,7 @@ internal static class ServerVerbs
             var load = model.Read(parse, parse.GetValue(CenterCrop));
             var options = new ServeOptions
             {
-                Checkpoint = parse.GetValue(ServeCheckpoint) ?? DemoCheckpoint.Ensure(), Quantize = load.Quantize, Device = load.Device,
+                Checkpoint = DefaultModel.Resolve(parse.GetValue(ServeCheckpoint)), Quantize = load.Quantize, Device = load.Device,
                 DType = load.DType, CenterCrop = load.CenterCrop, Threads = load.Threads,
                 Host = parse.GetValue(host)!, Port = parse.GetValue(port),
                 MetricsHost = parse.GetValue(metricsHost)!, MetricsPort = parse.GetValue(metricsPort) is var m && m < 0 ? null : m,

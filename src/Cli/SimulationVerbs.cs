@@ -58,10 +58,12 @@ internal static class SimulationVerbs
         var imageSize = Opt("--image-size", "Square camera frame size in pixels (the policy resolution).", 224);
         var wrist = Opt("--wrist", "Also record the wrist camera (observation.images.wrist_image).", false);
         var name = Opt("--name", "Dataset name: the key of dataset_statistics.json (the policy's unnorm key).", "tabletop");
+        var labels = Opt("--labels", "Recorded action with --noise: 'executed' (what the robot was sent, LeRobot's meaning) or 'expert' " +
+            "(the clean expert's command at that state, DART-style: noisy states, clean targets).", "executed");
         var json = Opt("--json", "Print the summary as JSON.", false);
         var command = new Command("demos", "Record scripted-expert demonstrations of the tabletop suite as a LeRobot v2.1 dataset.")
         {
-            suite, tasks, episodes, outDir, noise, seed, workers, imageSize, wrist, name, json,
+            suite, tasks, episodes, outDir, noise, seed, workers, imageSize, wrist, name, labels, json,
         };
         command.SetAction(parse =>
         {
@@ -77,7 +79,10 @@ internal static class SimulationVerbs
             Check(!Directory.Exists(dir) || !Directory.EnumerateFileSystemEntries(dir).Any(), $"--out {dir} is not empty; choose a new directory");
             string datasetName = parse.GetValue(name)!;
             Check(datasetName.Length > 0 && datasetName.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '-'), $"--name '{datasetName}' must be letters, digits, '_' or '-'");
-            var options = new DemoOptions(selected, n, dir, sigma, parse.GetValue(seed), w, size, parse.GetValue(wrist), datasetName);
+            string labelKind = parse.GetValue(labels)!;
+            Check(labelKind is "executed" or "expert", $"--labels must be executed or expert, got '{labelKind}'");
+            var options = new DemoOptions(selected, n, dir, sigma, parse.GetValue(seed), w, size, parse.GetValue(wrist), datasetName,
+                ExpertLabels: labelKind == "expert");
             var summary = DemoSuite.Generate(options, w > 1 ? WorkerCommand("demos") : null, new ProgressBar("demos", selected.Count * n, "episodes"));
             if (parse.GetValue(json))
                 Console.WriteLine(JsonSerializer.Serialize(new
@@ -102,11 +107,11 @@ internal static class SimulationVerbs
     {
         var suite = SuiteOption();
         var tasks = Opt("--tasks", $"'all' or a comma-separated list of: {string.Join(", ", TabletopTasks.Ids)}.", "all");
-        var policy = new Option<string>("--policy") { Description = "scripted | checkpoint:DIR | grpc://HOST:PORT", Required = true };
+        var policy = new Option<string?>("--policy") { Description = $"scripted | checkpoint:DIR | grpc://HOST:PORT (default: checkpoint: the embedded {DefaultModel.Name})" };
         var trials = Opt("--trials-per-task", "Rollouts per task (LIBERO uses 50).", 50);
         var seed = Opt("--seed", "Suite seed: fixes the initial state of every (task, trial).", 7);
         var workers = Opt("--workers", "Parallel worker processes, each with its own renderer (1 = in this process).", 1);
-        var imageSize = Opt("--image-size", "Camera frame size given to the policy.", 224);
+        var imageSize = new Option<int?>("--image-size") { Description = "Camera frame size given to the policy (default: the policy's own input size; 224 for scripted)." };
         var settle = Opt("--settle-steps", "No-op steps before the policy acts (LIBERO: 10).", 10);
         var videoDir = new Option<string?>("--video-dir") { Description = "Write MP4s of the first --videos-per-task rollouts of each task here." };
         var videos = Opt("--videos-per-task", "How many rollouts per task to record when --video-dir is given.", 1);
@@ -129,14 +134,16 @@ internal static class SimulationVerbs
             Environment.SetEnvironmentVariable(PolicyBackends.UnnormKeyVariable, parse.GetValue(unnormKey));
             RolloutPolicies.UnnormKey = parse.GetValue(unnormKey);
             var selected = ParseTasks(parse.GetValue(suite)!, parse.GetValue(tasks)!);
-            int n = parse.GetValue(trials), w = parse.GetValue(workers), size = parse.GetValue(imageSize), settleSteps = parse.GetValue(settle);
+            int n = parse.GetValue(trials), w = parse.GetValue(workers), settleSteps = parse.GetValue(settle);
             Check(n >= 1, $"--trials-per-task must be at least 1, got {n}");
             Check(w is >= 1 and <= 64, $"--workers must be 1..64, got {w}");
-            Check(size is >= 16 and <= 1024, $"--image-size must be 16..1024, got {size}");
             Check(settleSteps is >= 0 and <= 100, $"--settle-steps must be 0..100, got {settleSteps}");
-            string policyText = parse.GetValue(policy)!;
-            try { RolloutPolicies.EnsureAvailable(RolloutPolicies.Parse(policyText)); }
-            catch (Exception e) when (e is ArgumentException or PolicyUnavailableException) { throw new UsageException(e.Message); }
+            string policyText = parse.GetValue(policy) ?? "checkpoint:" + DefaultModel.Resolve(null, "--policy");
+            RolloutPolicies.Spec spec;
+            try { spec = RolloutPolicies.Parse(policyText); RolloutPolicies.EnsureAvailable(spec); }
+            catch (Exception e) when (e is ArgumentException or PolicyUnavailableException or DirectoryNotFoundException) { throw new UsageException(e.Message); }
+            int size = parse.GetValue(imageSize) ?? PolicyInputSize(spec);
+            Check(size is >= 16 and <= 1024, $"--image-size must be 16..1024, got {size}");
             var options = new EvalOptions(selected, policyText, n, parse.GetValue(seed), w, size, settleSteps, parse.GetValue(videoDir), parse.GetValue(videos));
             var report = Evaluator.Run(options, w > 1 ? WorkerCommand("eval") : null, new ProgressBar("eval", selected.Count * n, "episodes"));
             var files = report.WriteFiles(parse.GetValue(outDir)!);
@@ -145,6 +152,27 @@ internal static class SimulationVerbs
             return CliExit.Ok;
         });
         return command;
+    }
+
+    /// <summary>
+    /// The square size the policy takes, so frames are rendered at the resolution the model was trained on rather than
+    /// rendered large and resized (a resize changes the pixels a small model learned from).
+    /// </summary>
+    private static int PolicyInputSize(RolloutPolicies.Spec spec)
+    {
+        switch (spec)
+        {
+            case RolloutPolicies.Checkpoint c:
+                try { return OpenVLA.Policy.Checkpoint.VlaCheckpoint.Open(c.Directory, requireWeights: false).Config.ImageSize; }
+                catch (OpenVLA.Policy.CheckpointException e) { throw new UsageException(e.Message); }
+            case RolloutPolicies.Grpc g:
+                // The same client the workers use, so an unreachable server fails here with the same one-line error.
+                var remote = RolloutPolicies.GrpcFactory!(g.Host, g.Port);
+                try { return remote.Description.ImageSize; }
+                finally { (remote as IDisposable)?.Dispose(); }
+            default:
+                return 224;
+        }
     }
 
     private static Command RenderTasks()

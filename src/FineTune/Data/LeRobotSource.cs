@@ -33,11 +33,28 @@ internal sealed partial class LeRobotSource : IEpisodeSource
     public int EpisodeLength(int episode) => _episodes[episode].Length;
     public int GroupOf(int episode) => episode;
 
+    /// <summary>
+    /// The name a dataset gives itself: the single key of its own dataset_statistics.json (what `openvla demos --name`
+    /// writes), so a model trained on it un-normalizes under the dataset's name rather than its folder's.
+    /// </summary>
+    private static string? OwnStatisticsName(string root)
+    {
+        string path = Path.Combine(root, "dataset_statistics.json");
+        if (!File.Exists(path)) return null;
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllText(path));
+            var keys = doc.RootElement.ValueKind == JsonValueKind.Object ? doc.RootElement.EnumerateObject().Select(p => p.Name).ToList() : [];
+            return keys.Count == 1 && keys[0].Length > 0 ? keys[0] : null;
+        }
+        catch (JsonException) { return null; }
+    }
+
     public LeRobotSource(string root, DatasetConfig config)
     {
         _root = root;
         _config = config;
-        DefaultName = new DirectoryInfo(root).Name;
+        DefaultName = OwnStatisticsName(root) ?? new DirectoryInfo(root).Name;
         string infoPath = Path.Combine(root, "meta", "info.json");
         using var info = ParseJson(infoPath);
         var r = info.RootElement;
