@@ -120,9 +120,10 @@ internal static class SimulationVerbs
         var quantize = Opt("--quantize", "checkpoint:DIR policies: weight-only quantization (none, int8, int4).", "none");
         var dtype = new Option<string?>("--dtype") { Description = "checkpoint:DIR policies: compute precision (f32 or bf16)." };
         var unnormKey = new Option<string?>("--unnorm-key") { Description = "checkpoint/grpc policies: dataset statistics to un-normalize with." };
+        var adapter = new Option<string?>("--adapter") { Description = "checkpoint:DIR policies: PEFT LoRA adapter directory (from finetune) merged in at load." };
         var command = new Command("eval", "Evaluate a policy in closed loop on the tabletop suite (success rates with 95% Wilson intervals).")
         {
-            suite, tasks, policy, trials, seed, workers, imageSize, settle, videoDir, videos, outDir, json, quantize, dtype, unnormKey,
+            suite, tasks, policy, trials, seed, workers, imageSize, settle, videoDir, videos, outDir, json, quantize, dtype, unnormKey, adapter,
         };
         command.SetAction(parse =>
         {
@@ -132,6 +133,11 @@ internal static class SimulationVerbs
             Environment.SetEnvironmentVariable(PolicyBackends.QuantizeVariable, load.Quantize);
             Environment.SetEnvironmentVariable(PolicyBackends.DTypeVariable, load.DType);
             Environment.SetEnvironmentVariable(PolicyBackends.UnnormKeyVariable, parse.GetValue(unnormKey));
+            if (parse.GetValue(adapter) is { } adapterDir)
+            {
+                Check(Directory.Exists(adapterDir), $"--adapter directory '{adapterDir}' does not exist");
+                Environment.SetEnvironmentVariable(PolicyBackends.AdapterVariable, Path.GetFullPath(adapterDir));
+            }
             RolloutPolicies.UnnormKey = parse.GetValue(unnormKey);
             var selected = ParseTasks(parse.GetValue(suite)!, parse.GetValue(tasks)!);
             int n = parse.GetValue(trials), w = parse.GetValue(workers), settleSteps = parse.GetValue(settle);
@@ -142,6 +148,8 @@ internal static class SimulationVerbs
             RolloutPolicies.Spec spec;
             try { spec = RolloutPolicies.Parse(policyText); RolloutPolicies.EnsureAvailable(spec); }
             catch (Exception e) when (e is ArgumentException or PolicyUnavailableException or DirectoryNotFoundException) { throw new UsageException(e.Message); }
+            Check(parse.GetValue(adapter) is null || spec is RolloutPolicies.Checkpoint,
+                "--adapter applies to checkpoint:DIR policies (a policy server takes its own --adapter)");
             int size = parse.GetValue(imageSize) ?? PolicyInputSize(spec);
             Check(size is >= 16 and <= 1024, $"--image-size must be 16..1024, got {size}");
             var options = new EvalOptions(selected, policyText, n, parse.GetValue(seed), w, size, settleSteps, parse.GetValue(videoDir), parse.GetValue(videos));

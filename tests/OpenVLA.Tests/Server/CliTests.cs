@@ -66,6 +66,24 @@ public sealed class CliTests
     }
 
     [Fact]
+    public async Task Eval_refuses_an_adapter_it_cannot_apply_with_one_line()
+    {
+        var dir = Directory.CreateTempSubdirectory("openvla-adapter-").FullName;
+        try
+        {
+            var notCheckpoint = await RunAsync("eval", "--policy", "scripted", "--adapter", dir, "--tasks", "pick_up", "--trials-per-task", "1");
+            var missing = await RunAsync("eval", "--adapter", Path.Combine(dir, "absent"), "--tasks", "pick_up", "--trials-per-task", "1");
+
+            Assert.Equal(2, notCheckpoint.Code);
+            Assert.Contains("--adapter applies to checkpoint:DIR policies", notCheckpoint.Output);
+            Assert.Single(notCheckpoint.Output.Trim().Split('\n'));
+            Assert.Equal(2, missing.Code);
+            Assert.Contains("does not exist", missing.Output);
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
     public async Task Eval_against_an_unreachable_policy_server_fails_with_one_line()
     {
         var result = await RunAsync("eval", "--policy", "grpc://127.0.0.1:1", "--tasks", "pick_up", "--trials-per-task", "1",
