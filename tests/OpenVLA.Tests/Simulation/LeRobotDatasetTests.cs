@@ -89,6 +89,23 @@ public sealed class LeRobotDatasetTests : IDisposable
     }
 
     [Fact]
+    public void Expert_labels_keep_the_noisy_trajectory_and_record_the_clean_commands()
+    {
+        var tasks = TabletopTasks.Parse("pick_up");
+        string executedDir = Path.Combine(_dir, "executed"), expertDir = Path.Combine(_dir, "expert");
+        DemoSuite.Generate(new DemoOptions(tasks, 1, executedDir, Noise: 0.005, Seed: 3, ImageSize: 32), workerCommand: null);
+        DemoSuite.Generate(new DemoOptions(tasks, 1, expertDir, Noise: 0.005, Seed: 3, ImageSize: 32, ExpertLabels: true), workerCommand: null);
+
+        var executed = LeRobotFiles.ReadRows(LeRobotLayout.EpisodeFile(executedDir, 0));
+        var expert = LeRobotFiles.ReadRows(LeRobotLayout.EpisodeFile(expertDir, 0));
+        Assert.Equal(executed.Count, expert.Count); // the same noisy episode was executed
+        Assert.Equal(executed.Select(r => r.Image!.Bytes), expert.Select(r => r.Image!.Bytes));
+        Assert.All(expert, r => Assert.All(r.Action!.Take(3), v => Assert.InRange(v, -0.02f, 0.02f))); // the expert's step limit
+        Assert.Contains(executed, r => r.Action!.Take(3).Any(v => Math.Abs(v) > 0.02f)); // noise pushed some past it
+        Assert.NotEqual(executed.Select(r => r.Action![0]), expert.Select(r => r.Action![0]));
+    }
+
+    [Fact]
     public void The_wrist_camera_is_an_optional_second_image_column()
     {
         DemoSuite.Generate(new DemoOptions(TabletopTasks.Parse("pick_up"), 1, _dir, ImageSize: 32, Wrist: true), workerCommand: null);
