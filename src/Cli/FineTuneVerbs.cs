@@ -210,7 +210,8 @@ internal static class FineTuneVerbs
                     if (heldOutExamples.Count == 0) return;
                     lastEval = trainer.Evaluate(heldOutExamples);
                     trainer.Metrics.Append(lastEval);
-                    progress.Note($"eval @ step {lastEval.Step}: loss {lastEval.Loss:0.0000} action accuracy {lastEval.ActionAccuracy:0.000} L1 {lastEval.L1:0.0000} ({heldOutExamples.Count} held-out examples)");
+                    progress.Note($"eval @ step {lastEval.Step}: loss {lastEval.Loss:0.0000} action accuracy {lastEval.ActionAccuracy:0.000} L1 {lastEval.L1:0.0000}"
+                        + (double.IsFinite(lastEval.VisionGain) ? $" vision gain {lastEval.VisionGain:+0.0000;-0.0000}" : "") + $" ({heldOutExamples.Count} held-out examples)");
                 }
                 void Save()
                 {

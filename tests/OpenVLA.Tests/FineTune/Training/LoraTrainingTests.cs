@@ -76,6 +76,16 @@ public class LoraTrainingTests
         Assert.True(losses.Skip(35).Average() < 0.5 * losses.Take(5).Average(), $"loss {losses[0]:0.###} → {losses[^1]:0.###}");
         Assert.True(after.Loss < before.Loss);
         Assert.True(after.ActionAccuracy > before.ActionAccuracy, $"accuracy {before.ActionAccuracy} → {after.ActionAccuracy}");
+
+        // The held-out "vision gain": the fixture's first three action values are its frame's colour, so the trained
+        // policy loses clearly when each frame is swapped for another example's; with one frame for every example the swap
+        // changes nothing (gain exactly 0); a single example has nothing to swap with.
+        Assert.True(after.VisionGain > 0.5, $"loss {after.Loss:0.###}, with swapped frames {after.ShuffledImageLoss:0.###}");
+        Assert.Equal(after.ShuffledImageLoss, after.ToJson()["shuffled_image_loss"]!.GetValue<double>());
+        Assert.Equal(0.0, trainer.Evaluate(examples.Select(e => e with { Image = examples[0].Image }).ToList()).VisionGain);
+        var single = trainer.Evaluate(examples.Take(1).ToList());
+        Assert.True(double.IsNaN(single.VisionGain));
+        Assert.False(single.ToJson().ContainsKey("shuffled_image_loss"));
     }
 
     [Fact]
