@@ -42,6 +42,9 @@ public class FineTuneCommandTests
         var evals = log.Where(e => e["split"]!.GetValue<string>() == "eval").ToList();
         Assert.Equal([0L, 10, 15, 20, 30], evals.Select(e => e["step"]!.GetValue<long>()));
         Assert.True(evals[^1]["loss"]!.GetValue<double>() < evals[0]["loss"]!.GetValue<double>(), "held-out loss did not improve");
+        // Every held-out score also says how much the policy looks at the frame (the loss with frames swapped).
+        Assert.All(evals, e => Assert.True(double.IsFinite(e["shuffled_image_loss"]!.GetValue<double>())));
+        Assert.Matches(@"eval @ step 15: loss \d\.\d{4} action accuracy \d\.\d{3} L1 \d\.\d{4} vision gain -?\d\.\d{4} \(", first.Stderr);
 
         // The merged checkpoint predicts with the dataset's statistics.
         string merged = Path.Combine(JsonNode.Parse(second.Stdout)!["checkpoint"]!.GetValue<string>(), "model");
