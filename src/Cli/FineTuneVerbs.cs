@@ -211,7 +211,7 @@ internal static class FineTuneVerbs
                     lastEval = trainer.Evaluate(heldOutExamples);
                     trainer.Metrics.Append(lastEval);
                     progress.Note($"eval @ step {lastEval.Step}: loss {lastEval.Loss:0.0000} action accuracy {lastEval.ActionAccuracy:0.000} L1 {lastEval.L1:0.0000}"
-                        + (double.IsFinite(lastEval.VisionGain) ? $" vision gain {Math.Round(lastEval.VisionGain, 4) + 0.0:0.0000}" : "") + $" ({heldOutExamples.Count} held-out examples)");
+                        + (double.IsFinite(lastEval.VisionGain) ? $" vision gain {lastEval.VisionGain:0.0000}" : "") + $" ({heldOutExamples.Count} held-out examples)");
                 }
                 void Save()
                 {

@@ -15,8 +15,8 @@ public sealed record StepMetrics(long Step, string Split, double Loss, double Ac
     double GradNorm, double SamplesPerSecond, double ElapsedSeconds)
 {
     /// <summary>
-    /// Held-out only: the loss of the same examples with every frame swapped for another example's (the batch's frames
-    /// rotated by one). <see cref="VisionGain"/> = this − <see cref="Loss"/>: about 0 while the policy ignores the camera
+    /// Held-out only: the loss of the same examples with every frame swapped for another example's (the frames rotated
+    /// by one over the scored set). <see cref="VisionGain"/> = this − <see cref="Loss"/>: about 0 while the policy ignores the camera
     /// and predicts from the instruction alone, which a from-scratch policy does for its first thousand steps or so.
     /// </summary>
     public double ShuffledImageLoss { get; init; } = double.NaN;
@@ -173,6 +173,9 @@ public sealed class Trainer : IDisposable
         int n = Options.EvalExamples > 0 ? Math.Min(Options.EvalExamples, heldOut.Count) : heldOut.Count;
         double lossSum = 0, l1Sum = 0, shuffledSum = 0;
         long targets = 0, actions = 0, correct = 0, shuffledTargets = 0;
+        // Same instructions and targets, the next example's frame (over the whole set, so every scored example is also
+        // scored without its own frame): what the policy knows without looking. Nothing to swap with a single example.
+        var swapped = n < 2 ? null : heldOut.Take(n).Select((e, k) => e with { Image = heldOut[(k + 1) % n].Image }).ToList();
         _model.eval();
         try
         {
@@ -180,19 +183,17 @@ public sealed class Trainer : IDisposable
             for (int i = 0; i < n; i += Options.BatchSize)
             {
                 using var scope = NewDisposeScope();
-                var examples = heldOut.Skip(i).Take(Math.Min(Options.BatchSize, n - i)).ToList();
-                using var batch = _objective.Build(examples, _model.Precision.Device, _model.Precision.DType);
+                int count = Math.Min(Options.BatchSize, n - i);
+                using var batch = _objective.Build(heldOut.Skip(i).Take(count).ToList(), _model.Precision.Device, _model.Precision.DType);
                 var r = Forward(batch);
                 lossSum += r.LossValue * r.TargetTokens;
                 targets += r.TargetTokens;
                 actions += r.ActionTokens;
                 correct += r.ActionCorrect;
                 l1Sum += r.L1 * r.ActionTokens;
-                if (examples.Count < 2) continue;
-                // Same instructions and targets, another example's frame: what the policy knows without looking.
-                var swapped = examples.Select((e, k) => e with { Image = examples[(k + 1) % examples.Count].Image }).ToList();
-                using var shuffledBatch = _objective.Build(swapped, _model.Precision.Device, _model.Precision.DType);
-                var s = Forward(shuffledBatch);
+                if (swapped is null) continue;
+                using var swappedBatch = _objective.Build(swapped.GetRange(i, count), _model.Precision.Device, _model.Precision.DType);
+                var s = Forward(swappedBatch);
                 shuffledSum += s.LossValue * s.TargetTokens;
                 shuffledTargets += s.TargetTokens;
             }
