@@ -98,9 +98,10 @@ internal static class FineTuneVerbs
         };
 
         /// <summary>The trainer, with its option conflicts (e.g. --merge on a quantized base) reported as usage errors.</summary>
-        public static Trainer NewTrainer(OpenVlaModel model, VlaCheckpoint checkpoint, VlaTokenizer tokenizer, TrainerOptions options, string outDir, JsonObject stats)
+        public static Trainer NewTrainer(OpenVlaModel model, VlaCheckpoint checkpoint, VlaTokenizer tokenizer, TrainerOptions options, string outDir, JsonObject stats,
+            ArrayStatistics? auxStatistics = null)
         {
-            try { return new Trainer(model, checkpoint, tokenizer, options, outDir, stats); }
+            try { return new Trainer(model, checkpoint, tokenizer, options, outDir, stats, auxStatistics); }
             catch (ArgumentException e) { throw new UsageException(e.Message); }
         }
 
@@ -132,15 +133,17 @@ internal static class FineTuneVerbs
         var preset = new Option<string?>("--preset") { Description = $"with --dry-run and no --base: plan for a preset ({string.Join(" | ", CheckpointPreset.Names)})" };
         var promptTokens = new Option<int>("--prompt-tokens") { Description = "with --dry-run: prompt length in tokens", DefaultValueFactory = _ => 32 };
         var json = new Option<bool>("--json") { Description = "machine-readable output (the plan with --dry-run, a summary otherwise)" };
+        var auxWeight = new Option<double>("--aux-weight") { Description = "weight of an auxiliary loss: a linear head on the image tokens regresses --aux-keys (standardized); for training from scratch, never exported", DefaultValueFactory = _ => 0.0 };
+        var auxKeys = new Option<string?>("--aux-keys") { Description = "LeRobot vector keys the auxiliary head regresses, comma-separated (e.g. observation.state,observation.environment_state); default: the dataset config's aux_keys" };
         var cmd = new Command("finetune", "Fine-tune an OpenVLA checkpoint with LoRA (or train it in full) on a robot dataset.")
-            { baseDir, dataset, datasetConfig, datasetFormat, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, merge, keep, resume, dryRun, preset, promptTokens, json };
+            { baseDir, dataset, datasetConfig, datasetFormat, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys };
         training.AddTo(cmd);
         cmd.SetAction(r =>
         {
             var options = training.Read(r) with
             {
                 SaveSteps = r.GetValue(saveSteps), EvalSteps = r.GetValue(evalSteps), EvalExamples = r.GetValue(evalExamples),
-                Merge = r.GetValue(merge), KeepCheckpoints = r.GetValue(keep),
+                Merge = r.GetValue(merge), KeepCheckpoints = r.GetValue(keep), AuxWeight = r.GetValue(auxWeight),
             };
             try { options.Validate(); }
             catch (ArgumentException e) { throw new UsageException(e.Message); }
@@ -174,8 +177,19 @@ internal static class FineTuneVerbs
             var checkpoint = VlaCheckpoint.Open(basePath);
             var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
             var datasetMapping = r.GetValue(datasetConfig) is { } cfg ? DatasetConfig.Load(cfg) : null;
+            if (r.GetValue(auxKeys) is { } keys)
+            {
+                if (options.AuxWeight == 0) throw new UsageException("--aux-keys needs --aux-weight above 0");
+                datasetMapping = (datasetMapping ?? new DatasetConfig()) with
+                {
+                    AuxKeys = keys.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
+                };
+            }
+            if (options.AuxWeight > 0 && datasetMapping?.AuxKeys is null)
+                throw new UsageException("--aux-weight needs targets: --aux-keys (e.g. observation.state,observation.environment_state) or aux_keys in --dataset-config");
             using var data = VlaDataset.Open(datasetPath, datasetMapping, r.GetValue(datasetFormat));
             var stats = data.ComputeStatistics();
+            var auxStats = options.AuxWeight > 0 ? data.ComputeAuxStatistics() : null;
             var split = data.SplitEpisodes(r.GetValue(heldOut), options.Seed);
             int imageSize = checkpoint.Config.ImageSize;
             var streamOptions = new StreamOptions
@@ -190,7 +204,7 @@ internal static class FineTuneVerbs
 
             using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
             WeightLoader.Load(model, checkpoint, training.Quantization(r));
-            using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics);
+            using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics, auxStats);
             stats.SaveTo(runDir);
             if (latest is not null && r.GetValue(resume))
             {
@@ -211,7 +225,8 @@ internal static class FineTuneVerbs
                     lastEval = trainer.Evaluate(heldOutExamples);
                     trainer.Metrics.Append(lastEval);
                     progress.Note($"eval @ step {lastEval.Step}: loss {lastEval.Loss:0.0000} action accuracy {lastEval.ActionAccuracy:0.000} L1 {lastEval.L1:0.0000}"
-                        + (double.IsFinite(lastEval.VisionGain) ? $" vision gain {lastEval.VisionGain:0.0000}" : "") + $" ({heldOutExamples.Count} held-out examples)");
+                        + (double.IsFinite(lastEval.VisionGain) ? $" vision gain {lastEval.VisionGain:0.0000}" : "")
+                        + (double.IsFinite(lastEval.AuxLoss) ? $" aux {lastEval.AuxLoss:0.0000}" : "") + $" ({heldOutExamples.Count} held-out examples)");
                 }
                 void Save()
                 {

@@ -43,6 +43,13 @@ public sealed record DatasetConfig
     /// <summary>Proprioceptive state key; null: none (statistics then hold zeros, as the reference does).</summary>
     public string? ProprioKey { get; init; }
 
+    /// <summary>
+    /// Auxiliary regression targets (LeRobot only): vector keys concatenated in this order per frame, e.g.
+    /// <c>["observation.state", "observation.environment_state"]</c>. Used only by training with an auxiliary weight
+    /// (<c>finetune --aux-weight</c>): the projected image tokens learn to predict them. Null: none.
+    /// </summary>
+    public IReadOnlyList<string>? AuxKeys { get; init; }
+
     /// <summary>Drop episodes whose instruction is empty (reference: skip_unlabeled) instead of failing.</summary>
     public bool SkipUnlabeled { get; init; }
 
@@ -131,6 +138,8 @@ public sealed record DatasetConfig
             throw new DatasetException($"{source}: normalization_mask has {m.Count} entries but action_dim is {ActionDim}");
         if (Gripper.Index is { } g && (g < 0 || g >= ActionDim))
             throw new DatasetException($"{source}: gripper.index {g} is outside the {ActionDim} action dims");
+        if (AuxKeys is { } aux && (aux.Count == 0 || aux.Any(string.IsNullOrWhiteSpace) || aux.Distinct().Count() != aux.Count))
+            throw new DatasetException($"{source}: aux_keys must list one or more distinct keys");
         if (Gripper.FromRange is { } r && (r.Count != 2 || r[0] == r[1]))
             throw new DatasetException($"{source}: gripper.from_range must be two different numbers [low, high]");
     }

@@ -25,7 +25,8 @@ public sealed class Frame
 /// <param name="Proprio">[step][P], empty rows when the dataset has no proprio.</param>
 /// <param name="Instructions">Per step (RLDS stores one per step; LeRobot one per frame through task_index).</param>
 /// <param name="Frames">[camera][step] in the order of the config's image keys; null when read without images.</param>
-public sealed record Episode(int Index, float[][] Actions, float[][] Proprio, string[] Instructions, Frame?[][]? Frames)
+/// <param name="Aux">[step][A]: the config's aux_keys concatenated; null when none are configured.</param>
+public sealed record Episode(int Index, float[][] Actions, float[][] Proprio, string[] Instructions, Frame?[][]? Frames, float[][]? Aux = null)
 {
     public int Length => Actions.Length;
 }

@@ -1,7 +1,8 @@
 namespace OpenVLA.FineTune.Data;
 
 /// <summary>An episode as stored: the concatenated action keys, before the config's dim selection and gripper mapping.</summary>
-internal sealed record RawEpisode(float[][] Actions, float[][]? Proprio, string[] Instructions, Frame?[][]? Frames);
+/// <param name="Aux">The config's aux_keys concatenated per step; null when none are configured.</param>
+internal sealed record RawEpisode(float[][] Actions, float[][]? Proprio, string[] Instructions, Frame?[][]? Frames, float[][]? Aux = null);
 
 /// <summary>A readable dataset layout (LeRobot, RLDS): episode count and lengths up front, episodes read one at a time.</summary>
 internal interface IEpisodeSource : IDisposable

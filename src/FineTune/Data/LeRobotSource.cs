@@ -94,6 +94,9 @@ internal sealed partial class LeRobotSource : IEpisodeSource
         _hasProprio = config.ProprioKey is { } pk && _features.ContainsKey(pk);
         if (config.ProprioKey is { } pk2 && !_hasProprio && !config.ProprioOptional)
             throw new DatasetException($"LeRobot dataset {root} has no proprio key '{pk2}' (features: {Join(_features.Keys)})");
+        foreach (string key in config.AuxKeys ?? [])
+            if (!_features.ContainsKey(key))
+                throw new DatasetException($"LeRobot dataset {root} has no aux key '{key}' (features: {Join(_features.Keys)})");
 
         if (config.Instruction == "task")
         {
@@ -126,6 +129,7 @@ internal sealed partial class LeRobotSource : IEpisodeSource
         string file = Path.Combine(_root, FormatPath(_dataPath, index, null));
         var wanted = new List<string>(_config.ActionKeys!);
         if (_hasProprio) wanted.Add(_config.ProprioKey!);
+        foreach (var k in _config.AuxKeys ?? []) if (!wanted.Contains(k)) wanted.Add(k);
         wanted.Add(_config.Instruction == "task" ? "task_index" : _config.Instruction!);
         var imageKeys = withFrames ? _config.ImageKeys!.Where(k => _features[k].Dtype == "image").ToList() : [];
         bool needTimestamps = withFrames && _config.ImageKeys!.Any(k => _features[k].Dtype == "video");
@@ -148,6 +152,13 @@ internal sealed partial class LeRobotSource : IEpisodeSource
         var actions = new float[rows][];
         for (int i = 0; i < rows; i++) actions[i] = parts.Length == 1 ? parts[0][i] : parts.SelectMany(p => p[i]).ToArray();
         float[][]? proprio = _hasProprio ? ColumnAsVectors(cols, _config.ProprioKey!) : null;
+        float[][]? aux = null;
+        if (_config.AuxKeys is { } auxKeys)
+        {
+            var auxParts = auxKeys.Select(k => ColumnAsVectors(cols, k)).ToArray();
+            aux = new float[rows][];
+            for (int i = 0; i < rows; i++) aux[i] = auxParts.SelectMany(p => p[i]).ToArray();
+        }
 
         var instructions = new string[rows];
         if (_config.Instruction == "task")
@@ -176,7 +187,7 @@ internal sealed partial class LeRobotSource : IEpisodeSource
                     : ReadVideoFrames(Path.Combine(_root, FormatPath(_videoPath!, index, key)), cols.Numbers("timestamp"));
             }
         }
-        return new RawEpisode(actions, proprio, instructions, frames);
+        return new RawEpisode(actions, proprio, instructions, frames, aux);
     }
 
     /// <summary>A list column per row; a feature of shape [1] may also be stored as a plain number column.</summary>

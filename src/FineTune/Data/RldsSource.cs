@@ -58,6 +58,7 @@ internal sealed class RldsSource : IEpisodeSource
         }
         var keys = first.Features?.Feature ?? throw new DatasetException($"TFRecord file {_shards[0]}: record 0 has no features");
         string where = $"RLDS dataset {dir}";
+        if (config.AuxKeys is not null) throw new DatasetException($"{where}: aux_keys are supported for LeRobot datasets only");
         _imageFeatures = config.ImageKeys!.Select(k => Resolve(keys, k)
             ?? throw new DatasetException($"{where} has no image key '{k}' (step features: {StepKeys(keys)})")).ToArray();
         _actionFeatures = config.ActionKeys!.Select(k => Resolve(keys, k)

@@ -8,6 +8,7 @@ namespace OpenVLA.FineTune.Data;
 /// <param name="Action">The 7-D EEF action, not normalized.</param>
 /// <param name="NormalizedAction">BOUNDS_Q99-normalized action in [−1, 1] on masked dims: what the action tokenizer bins.</param>
 /// <param name="Proprio">Proprioceptive state, empty when the dataset has none.</param>
+/// <param name="Aux">The config's aux targets (not normalized); null when none are configured.</param>
 public sealed record TrainingSample(
     string DatasetName,
     int EpisodeIndex,
@@ -16,7 +17,8 @@ public sealed record TrainingSample(
     string Instruction,
     float[] Action,
     float[] NormalizedAction,
-    float[] Proprio)
+    float[] Proprio,
+    float[]? Aux = null)
 {
     /// <summary>The stream's cursor just after this sample: save the one of the last sample a finished optimizer step used, so
     /// samples prefetched but not yet trained on are handed out again after a resume.</summary>
@@ -214,7 +216,7 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         if (remaining == 1) _loaded.Remove(episode);
         else _loaded[episode] = (data, remaining - 1);
         var action = data.Actions[step];
-        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _normalizer.Normalize(action), data.Proprio[step])
+        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _normalizer.Normalize(action), data.Proprio[step], data.Aux?[step])
         {
             CursorAfter = Cursor,
         };

@@ -78,7 +78,7 @@ public sealed class VlaDataset : IDisposable
         var proprio = raw.Proprio ?? Enumerable.Repeat(Array.Empty<float>(), steps).ToArray();
         if (!Config.SkipUnlabeled && raw.Instructions.All(string.IsNullOrWhiteSpace))
             throw new DatasetException($"{Name}: episode {episode} has no language (an empty instruction); set skip_unlabeled to drop such episodes");
-        return new Episode(episode, actions, proprio, raw.Instructions, raw.Frames);
+        return new Episode(episode, actions, proprio, raw.Instructions, raw.Frames, raw.Aux);
     }
 
     /// <summary>
@@ -99,6 +99,17 @@ public sealed class VlaDataset : IDisposable
         int proprioDim = proprio.Count > 0 ? proprio[0].Length : 0;
         var proprioStats = proprioDim > 0 ? ArrayStatistics.Compute(proprio, proprioDim) : ArrayStatistics.Zeros(Config.ActionDim);
         return new DatasetStatistics(Name, action, proprioStats, actions.Count, _usable.Length);
+    }
+
+    /// <summary>Mean and std of the config's aux targets over every usable episode (what the auxiliary head regresses, standardized).</summary>
+    public ArrayStatistics ComputeAuxStatistics()
+    {
+        if (Config.AuxKeys is null) throw new DatasetException($"{Name}: no aux_keys configured");
+        var rows = _usable.SelectMany(e => ReadEpisode(e, withImages: false).Aux!).ToList();
+        if (rows.Count == 0) throw new DatasetException($"{Name}: no steps to compute aux statistics over");
+        int dim = rows[0].Length;
+        if (rows.Any(r => r.Length != dim)) throw new DatasetException($"{Name}: aux targets of different lengths ({dim} and {rows.First(r => r.Length != dim).Length})");
+        return ArrayStatistics.Compute(rows, dim);
     }
 
     /// <summary>A deterministic train / held-out split by whole episodes (no episode contributes steps to both).</summary>

@@ -107,13 +107,15 @@ public sealed class ActionObjective
     /// <summary>
     /// The multimodal forward of PrismaticForConditionalGeneration: embeddings [BOS, image tokens, rest of the ids], the
     /// validity mask with the image positions real, labels with −100 at the image positions. Returns the final (normed)
-    /// hidden states [B, 1+P+T−1, H] and the multimodal labels [B, same].
+    /// hidden states [B, 1+P+T−1, H] and the multimodal labels [B, same]; <paramref name="onPatches"/> sees the projected
+    /// image tokens [B, P, H] (with their graph).
     /// </summary>
     public static (Tensor Hidden, Tensor Labels) Forward(OpenVlaModel model, TrainingBatch batch,
-        Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null)
+        Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null, Action<Tensor>? onPatches = null)
     {
         var lm = model.language_model;
         var patches = model.EncodeImages(batch.PixelValues);                    // [B, P, H]
+        onPatches?.Invoke(patches);                                              // e.g. the auxiliary head
         long b = patches.shape[0], p = patches.shape[1], t = batch.InputIds.shape[1];
         var emb = lm.Embed(batch.InputIds);                                      // [B, T, H]
         var inputs = cat([emb.narrow(1, 0, 1), patches.to(emb.dtype), emb.narrow(1, 1, t - 1)], 1);

@@ -29,7 +29,7 @@ public sealed class StreamExampleSource : IExampleSource
         _stream = _open(cursor.Deserialize<StreamCursor>() ?? throw new DatasetException("the saved data cursor is empty"));
 
     public static TrainingExample ToExample(TrainingSample s) =>
-        new(s.Images[0], s.Instruction, s.NormalizedAction, s.DatasetName);
+        new(s.Images[0], s.Instruction, s.NormalizedAction, s.DatasetName, s.Aux);
 
     /// <summary>
     /// Up to <paramref name="count"/> held-out examples, fixed for the run: one pass through the held-out episodes with a

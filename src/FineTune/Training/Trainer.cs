@@ -21,6 +21,8 @@ public sealed record StepMetrics(long Step, string Split, double Loss, double Ac
     /// </summary>
     public double ShuffledImageLoss { get; init; } = double.NaN;
     public double VisionGain => ShuffledImageLoss - Loss;
+    /// <summary>With an auxiliary head: its mean squared error on standardized targets (1 = no better than the mean).</summary>
+    public double AuxLoss { get; init; } = double.NaN;
 
     public JsonObject ToJson()
     {
@@ -31,6 +33,7 @@ public sealed record StepMetrics(long Step, string Split, double Loss, double Ac
             ["elapsed_s"] = Math.Round(ElapsedSeconds, 3),
         };
         if (double.IsFinite(ShuffledImageLoss)) o["shuffled_image_loss"] = ShuffledImageLoss;
+        if (double.IsFinite(AuxLoss)) o["aux_loss"] = AuxLoss;
         return o;
     }
 
@@ -55,6 +58,7 @@ public sealed class Trainer : IDisposable
     // Draws the adapters' init, then their dropout masks; reseeded per micro-batch (see TrainStep).
     readonly Generator _generator;
     double _elapsedBefore;
+    readonly AuxHead? _aux;
 
     public TrainerOptions Options { get; }
     public string OutputDirectory { get; }
@@ -67,8 +71,9 @@ public sealed class Trainer : IDisposable
 
     /// <param name="model">The base model, loaded (its precision is the training precision of frozen weights).</param>
     /// <param name="datasetStatistics">dataset_statistics.json of the training data, written next to every checkpoint.</param>
+    /// <param name="auxStatistics">Mean and std of the aux targets; required when <see cref="TrainerOptions.AuxWeight"/> &gt; 0.</param>
     public Trainer(OpenVlaModel model, VlaCheckpoint baseCheckpoint, VlaTokenizer tokenizer, TrainerOptions options,
-        string outputDirectory, JsonObject datasetStatistics)
+        string outputDirectory, JsonObject datasetStatistics, OpenVLA.FineTune.Data.ArrayStatistics? auxStatistics = null)
     {
         options.Validate();
         _model = model;
@@ -101,6 +106,12 @@ public sealed class Trainer : IDisposable
         model.train();
         GradientCheckpointing.SetVision(model, options.GradientCheckpointing, _generator);
         var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter)).ToList();
+        if (options.AuxWeight > 0)
+        {
+            if (auxStatistics is null) throw new ArgumentException("an aux weight needs aux targets: name them with the dataset config's aux_keys");
+            _aux = new AuxHead(model.Config.NumPatches * model.Config.Text.HiddenSize, auxStatistics, options.Seed, model.Precision.Device);
+            trainable.AddRange(_aux.Parameters);
+        }
         _optimizer = new AdamW(trainable, options.Optimizer);
         _schedule = new LearningRateSchedule(options.Schedule, options.Optimizer.LearningRate, options.WarmupSteps, options.MaxSteps);
         Directory.CreateDirectory(outputDirectory);
@@ -113,7 +124,7 @@ public sealed class Trainer : IDisposable
     {
         _clock.Start();
         long step = _optimizer.Step;
-        double lossSum = 0, l1Sum = 0;
+        double lossSum = 0, l1Sum = 0, auxSum = 0;
         long actionTokens = 0, correct = 0;
         for (int micro = 0; micro < Options.GradAccumulation; micro++)
         {
@@ -121,8 +132,16 @@ public sealed class Trainer : IDisposable
             using var scope = NewDisposeScope();
             _generator.manual_seed((long)(InMemoryExampleSource.Mix(Options.Seed, (ulong)step, (ulong)micro) >> 1));
             using var batch = _objective.Build(examples, _model.Precision.Device, _model.Precision.DType);
-            var result = Forward(batch);
-            (result.Loss / Options.GradAccumulation).backward();
+            Tensor? patches = null;
+            var result = Forward(batch, _aux is null ? null : t => patches = t);
+            var loss = result.Loss;
+            if (_aux is not null)
+            {
+                var aux = _aux.Loss(patches!, examples);
+                auxSum += aux.item<float>();
+                loss = loss + aux * Options.AuxWeight;
+            }
+            (loss / Options.GradAccumulation).backward();
             lossSum += result.LossValue;
             actionTokens += result.ActionTokens;
             correct += result.ActionCorrect;
@@ -142,13 +161,16 @@ public sealed class Trainer : IDisposable
         double elapsed = _elapsedBefore + _clock.Elapsed.TotalSeconds;
         return new StepMetrics(_optimizer.Step, "train", lossSum / Options.GradAccumulation,
             actionTokens == 0 ? double.NaN : (double)correct / actionTokens, actionTokens == 0 ? double.NaN : l1Sum / actionTokens,
-            lr, gradNorm, _optimizer.Step * (double)Options.EffectiveBatch / Math.Max(elapsed, 1e-9), elapsed);
+            lr, gradNorm, _optimizer.Step * (double)Options.EffectiveBatch / Math.Max(elapsed, 1e-9), elapsed)
+        {
+            AuxLoss = _aux is null ? double.NaN : auxSum / Options.GradAccumulation,
+        };
     }
 
-    ObjectiveResult Forward(TrainingBatch batch)
+    ObjectiveResult Forward(TrainingBatch batch, Action<Tensor>? onPatches = null)
     {
         var runner = Options.GradientCheckpointing ? GradientCheckpointing.DecoderLayers(_generator) : null;
-        var (hidden, labels) = ActionObjective.Forward(_model, batch, runner);
+        var (hidden, labels) = ActionObjective.Forward(_model, batch, runner, onPatches);
         return _objective.Score(hidden, labels, _model.language_model.Logits);
     }
 
@@ -171,7 +193,7 @@ public sealed class Trainer : IDisposable
     {
         var sw = Stopwatch.StartNew();
         int n = Options.EvalExamples > 0 ? Math.Min(Options.EvalExamples, heldOut.Count) : heldOut.Count;
-        double lossSum = 0, l1Sum = 0, shuffledSum = 0;
+        double lossSum = 0, l1Sum = 0, shuffledSum = 0, auxSum = 0;
         long targets = 0, actions = 0, correct = 0, shuffledTargets = 0;
         // Same instructions and targets, the next example's frame (over the whole set, so every scored example is also
         // scored without its own frame): what the policy knows without looking. Nothing to swap with a single example.
@@ -184,8 +206,11 @@ public sealed class Trainer : IDisposable
             {
                 using var scope = NewDisposeScope();
                 int count = Math.Min(Options.BatchSize, n - i);
-                using var batch = _objective.Build(heldOut.Skip(i).Take(count).ToList(), _model.Precision.Device, _model.Precision.DType);
-                var r = Forward(batch);
+                var examples = heldOut.Skip(i).Take(count).ToList();
+                using var batch = _objective.Build(examples, _model.Precision.Device, _model.Precision.DType);
+                Tensor? patches = null;
+                var r = Forward(batch, _aux is null ? null : t => patches = t);
+                if (_aux is not null) auxSum += _aux.Loss(patches!, examples).item<float>() * count;
                 lossSum += r.LossValue * r.TargetTokens;
                 targets += r.TargetTokens;
                 actions += r.ActionTokens;
@@ -204,13 +229,14 @@ public sealed class Trainer : IDisposable
             _elapsedBefore + _clock.Elapsed.TotalSeconds)
         {
             ShuffledImageLoss = shuffledTargets == 0 ? double.NaN : shuffledSum / shuffledTargets,
+            AuxLoss = _aux is null || n == 0 ? double.NaN : auxSum / n,
         };
     }
 
     // ---- checkpoints ------------------------------------------------------------------------------------------------
 
     public const string StateDirName = "training_state", AdapterDirName = "adapter", ModelDirName = "model";
-    const string StateFile = "state.json", OptimizerFile = "optimizer.safetensors";
+    const string StateFile = "state.json", OptimizerFile = "optimizer.safetensors", AuxHeadFile = "aux_head.safetensors";
 
     public static string CheckpointName(long step) => $"step-{step:D7}";
 
@@ -239,6 +265,7 @@ public sealed class Trainer : IDisposable
         var stateDir = Path.Combine(tmp, StateDirName);
         Directory.CreateDirectory(stateDir);
         _optimizer.Save(Path.Combine(stateDir, OptimizerFile));
+        _aux?.Save(Path.Combine(stateDir, AuxHeadFile));
         var state = new JsonObject
         {
             ["step"] = Step,
@@ -284,10 +311,14 @@ public sealed class Trainer : IDisposable
             // Free to change between runs: when and what to save or evaluate, whether to checkpoint activations (the
             // gradients are bit-identical), and the step budget unless a cosine schedule depends on it.
             if (key is "save_steps" or "eval_steps" or "eval_examples" or "keep_checkpoints" or "merge" or "gradient_checkpointing"
-                || key == "max_steps" && Options.Schedule == "constant") continue;
+                || key == "max_steps" && Options.Schedule == "constant" || key == "aux_weight") continue;
             if (!JsonNode.DeepEquals(saved[key], value))
                 throw new PolicyInputException($"cannot resume from {checkpointDir}: option {key} was {saved[key]?.ToJsonString() ?? "unset"}, now {value?.ToJsonString() ?? "unset"}");
         }
+        // Runs saved before the auxiliary head existed have no aux_weight: they trained without one.
+        double savedAux = saved["aux_weight"]?.GetValue<double>() ?? 0;
+        if (savedAux != Options.AuxWeight)
+            throw new PolicyInputException($"cannot resume from {checkpointDir}: option aux_weight was {savedAux}, now {Options.AuxWeight}");
         using (torch.no_grad())
         {
             if (Options.Full)
@@ -308,6 +339,7 @@ public sealed class Trainer : IDisposable
                 }
             }
         }
+        _aux?.Load(Path.Combine(checkpointDir, StateDirName, AuxHeadFile));
         _optimizer.Load(Path.Combine(checkpointDir, StateDirName, OptimizerFile));
         long step = state["step"]!.GetValue<long>();
         if (step != _optimizer.Step) throw new CheckpointException($"{checkpointDir}: state.json says step {step}, the optimizer state {_optimizer.Step}");
@@ -340,11 +372,13 @@ public sealed class Trainer : IDisposable
         ["eval_examples"] = o.EvalExamples,
         ["merge"] = o.Merge,
         ["keep_checkpoints"] = o.KeepCheckpoints,
+        ["aux_weight"] = o.AuxWeight,
     };
 
     public void Dispose()
     {
         _optimizer.Dispose();
+        _aux?.Dispose();
         GradientCheckpointing.SetVision(_model, false, null);
     }
 }

@@ -31,6 +31,12 @@ public sealed record TrainerOptions
     public int EvalExamples { get; init; } = 256;
     /// <summary>Also write the merged Hugging Face checkpoint at every save (LoRA runs; full runs always write the model).</summary>
     public bool Merge { get; init; }
+    /// <summary>
+    /// Weight of the auxiliary loss (0: off): a linear head on the projected image tokens regresses the examples' aux
+    /// targets (the dataset config's aux_keys, standardized), and its mean squared error is added to the action loss times
+    /// this. The head is a training device only: it is never part of the exported checkpoint.
+    /// </summary>
+    public double AuxWeight { get; init; }
     /// <summary>Checkpoints kept on disk (finetune.py keeps the latest only).</summary>
     public int KeepCheckpoints { get; init; } = 1;
 
@@ -46,6 +52,7 @@ public sealed record TrainerOptions
         if (Optimizer.LearningRate <= 0) throw new ArgumentException($"learning rate must be positive, got {Optimizer.LearningRate}");
         if (MaxGradNorm < 0) throw new ArgumentException($"max grad norm must be non-negative, got {MaxGradNorm}");
         if (SaveSteps < 0 || EvalSteps < 0 || EvalExamples < 0) throw new ArgumentException("save, eval steps and eval examples must be non-negative");
+        if (!(AuxWeight >= 0) || double.IsInfinity(AuxWeight)) throw new ArgumentException($"aux weight must be a finite non-negative number, got {AuxWeight}");
         if (KeepCheckpoints < 1) throw new ArgumentException($"keep checkpoints must be at least 1, got {KeepCheckpoints}");
     }
 }

@@ -4,8 +4,9 @@ using OpenVLA.Policy;
 namespace OpenVLA.FineTune.Training;
 
 /// <summary>What the trainer consumes: one camera frame, the instruction, and the action already normalized to [−1, 1]
-/// on its masked dims (BOUNDS_Q99, openvla-model.md §3.3) — the values the action tokenizer bins.</summary>
-public sealed record TrainingExample(RgbImage Image, string Instruction, float[] NormalizedAction, string DatasetName);
+/// on its masked dims (BOUNDS_Q99, openvla-model.md §3.3) — the values the action tokenizer bins — and, when the dataset
+/// config names aux_keys, the auxiliary targets (not normalized) an auxiliary head learns to read from the image.</summary>
+public sealed record TrainingExample(RgbImage Image, string Instruction, float[] NormalizedAction, string DatasetName, float[]? Aux = null);
 
 /// <summary>
 /// An endless, deterministic supply of training examples whose position can be saved and restored, so a resumed run

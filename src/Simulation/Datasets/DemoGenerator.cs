@@ -10,7 +10,7 @@ public sealed record DemoJob(int EpisodeIndex, string TaskId, int Seed, double N
 /// <summary>What a recorded episode contributes to the dataset metadata and statistics.</summary>
 public sealed record DemoEpisode(
     int EpisodeIndex, string TaskId, string Instruction, int TaskIndex, int Seed, int Attempts, int Length,
-    float[][] Actions, float[][] States, FeatureStats ImageStats, FeatureStats? WristStats);
+    float[][] Actions, float[][] States, float[][] EnvironmentStates, FeatureStats ImageStats, FeatureStats? WristStats);
 
 /// <summary>
 /// Records scripted-expert demonstrations: runs the expert (clean or noisy) until the task's success predicate holds,
@@ -36,6 +36,7 @@ public static class DemoRecorder
             var frames = new List<byte[]>();
             var wrist = new List<byte[]>();
             var states = new List<float[]>();
+            var environment = new List<float[]>();
             var actions = new List<float[]>();
             bool success = false;
             for (int step = 0; step < task.MaxSteps && !success; step++)
@@ -43,6 +44,7 @@ public static class DemoRecorder
                 frames.Add(env.Render());
                 if (job.Wrist) wrist.Add(env.Render(wrist: true));
                 states.Add(env.State());
+                environment.Add(env.EnvironmentState());
                 var action = expert.Act(env);
                 actions.Add(job.ExpertLabels ? expert.ExpertAction : action);
                 env.Step(action);
@@ -54,15 +56,15 @@ public static class DemoRecorder
             frames.ForEach(f => imageStats.AddImage(f));
             FeatureStats? wristStats = null;
             if (job.Wrist) { wristStats = FeatureStats.Create(3); wrist.ForEach(f => wristStats.AddImage(f)); }
-            WriteEpisodeFile(job, taskIndex, frames, job.Wrist ? wrist : null, states, actions, globalIndexStart: 0);
+            WriteEpisodeFile(job, taskIndex, frames, job.Wrist ? wrist : null, states, environment, actions, globalIndexStart: 0);
             return new DemoEpisode(job.EpisodeIndex, job.TaskId, episode.Instruction, taskIndex, layoutSeed, attempt + 1, actions.Count,
-                actions.ToArray(), states.ToArray(), imageStats, wristStats);
+                actions.ToArray(), states.ToArray(), environment.ToArray(), imageStats, wristStats);
         }
         throw new InvalidOperationException($"the scripted expert failed task {job.TaskId} (seed {job.Seed}) {MaxAttempts} times");
     }
 
     private static void WriteEpisodeFile(DemoJob job, int taskIndex, List<byte[]> frames, List<byte[]>? wrist, List<float[]> states,
-        List<float[]> actions, long globalIndexStart)
+        List<float[]> environment, List<float[]> actions, long globalIndexStart)
     {
         string path = LeRobotLayout.EpisodeFile(job.OutDir, job.EpisodeIndex);
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
@@ -72,6 +74,7 @@ public static class DemoRecorder
             Image = new ImageCell { Bytes = Png.EncodeRgb(frames[t], size, size), Path = $"frame_{t:000000}.png" },
             WristImage = wrist is null ? null : new ImageCell { Bytes = Png.EncodeRgb(wrist[t], size, size), Path = $"wrist_{t:000000}.png" },
             State = [.. states[t]],
+            EnvironmentState = [.. environment[t]],
             Action = [.. actions[t]],
             Timestamp = t / (float)TabletopEnv.ControlHz,
             FrameIndex = t,

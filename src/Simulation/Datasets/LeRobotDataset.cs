@@ -13,7 +13,7 @@ public static class LeRobotFiles
     /// <summary>Writes one episode parquet file, with the Hugging Face `datasets` feature metadata so the image column decodes as Image.</summary>
     public static void WriteRows(string path, IReadOnlyList<LeRobotFrame> rows, bool wrist)
     {
-        var metadata = new Dictionary<string, string> { ["huggingface"] = HuggingFaceFeatures(rows[0].State!.Count, rows[0].Action!.Count, wrist) };
+        var metadata = new Dictionary<string, string> { ["huggingface"] = HuggingFaceFeatures(rows[0].State!.Count, rows[0].EnvironmentState?.Count, rows[0].Action!.Count, wrist) };
         string temp = path + ".tmp";
         using (var stream = File.Create(temp))
         {
@@ -21,7 +21,7 @@ public static class LeRobotFiles
             else
                 ParquetSerializer.SerializeAsync(rows.Select(r => new LeRobotFrameNoWrist
                 {
-                    Image = r.Image, State = r.State, Action = r.Action, Timestamp = r.Timestamp, FrameIndex = r.FrameIndex,
+                    Image = r.Image, State = r.State, EnvironmentState = r.EnvironmentState, Action = r.Action, Timestamp = r.Timestamp, FrameIndex = r.FrameIndex,
                     EpisodeIndex = r.EpisodeIndex, Index = r.Index, TaskIndex = r.TaskIndex,
                 }), stream, null, metadata).GetAwaiter().GetResult();
         }
@@ -34,13 +34,14 @@ public static class LeRobotFiles
         return ParquetSerializer.DeserializeAsync<LeRobotFrame>(stream).GetAwaiter().GetResult().Data.ToList();
     }
 
-    private static string HuggingFaceFeatures(int stateDim, int actionDim, bool wrist)
+    private static string HuggingFaceFeatures(int stateDim, int? environmentDim, int actionDim, bool wrist)
     {
         JsonObject Value(string dtype) => new() { ["dtype"] = dtype, ["_type"] = "Value" };
         JsonObject Sequence(int length) => new() { ["feature"] = Value("float32"), ["length"] = length, ["_type"] = "Sequence" };
         var features = new JsonObject { [LeRobotLayout.ImageKey] = new JsonObject { ["_type"] = "Image" } };
         if (wrist) features[LeRobotLayout.WristKey] = new JsonObject { ["_type"] = "Image" };
         features["observation.state"] = Sequence(stateDim);
+        if (environmentDim is { } e) features[LeRobotLayout.EnvironmentStateKey] = Sequence(e);
         features["action"] = Sequence(actionDim);
         features["timestamp"] = Value("float32");
         foreach (var k in new[] { "frame_index", "episode_index", "index", "task_index" }) features[k] = Value("int64");
@@ -79,6 +80,10 @@ public static class LeRobotFiles
         };
         if (wrist) features[LeRobotLayout.WristKey] = ImageFeature(imageSize);
         features["observation.state"] = new JsonObject { ["dtype"] = "float32", ["shape"] = new JsonArray(TabletopEnv.StateNames.Length), ["names"] = Names(TabletopEnv.StateNames) };
+        features[LeRobotLayout.EnvironmentStateKey] = new JsonObject
+        {
+            ["dtype"] = "float32", ["shape"] = new JsonArray(TabletopEnv.EnvironmentStateNames.Length), ["names"] = Names(TabletopEnv.EnvironmentStateNames),
+        };
         features["action"] = new JsonObject { ["dtype"] = "float32", ["shape"] = new JsonArray(TabletopEnv.ActionNames.Length), ["names"] = Names(TabletopEnv.ActionNames) };
         features["timestamp"] = Scalar("float32");
         foreach (var k in new[] { "frame_index", "episode_index", "index", "task_index" }) features[k] = Scalar("int64");
@@ -173,6 +178,7 @@ public static class LeRobotFiles
         {
             [LeRobotLayout.ImageKey] = FeatureStats.Create(3),
             ["observation.state"] = FeatureStats.Create(TabletopEnv.StateNames.Length),
+            [LeRobotLayout.EnvironmentStateKey] = FeatureStats.Create(TabletopEnv.EnvironmentStateNames.Length),
             ["action"] = FeatureStats.Create(TabletopEnv.ActionNames.Length),
             ["timestamp"] = FeatureStats.Create(1),
             ["frame_index"] = FeatureStats.Create(1),
@@ -193,6 +199,7 @@ public static class LeRobotFiles
             for (int t = 0; t < e.Length; t++)
             {
                 _features["observation.state"].Add(e.States[t]);
+                _features[LeRobotLayout.EnvironmentStateKey].Add(e.EnvironmentStates[t]);
                 _features["action"].Add(e.Actions[t]);
                 _features["timestamp"].Add([t / (float)TabletopEnv.ControlHz]);
                 AddScalar("frame_index", t);

@@ -11,6 +11,7 @@ public sealed class LeRobotFrame
     [JsonPropertyName("observation.images.image")] public ImageCell? Image { get; set; }
     [JsonPropertyName("observation.images.wrist_image")] public ImageCell? WristImage { get; set; }
     [JsonPropertyName("observation.state")] public List<float>? State { get; set; }
+    [JsonPropertyName("observation.environment_state")] public List<float>? EnvironmentState { get; set; }
     [JsonPropertyName("action")] public List<float>? Action { get; set; }
     [JsonPropertyName("timestamp")] public float Timestamp { get; set; }
     [JsonPropertyName("frame_index")] public long FrameIndex { get; set; }
@@ -24,6 +25,7 @@ public sealed class LeRobotFrameNoWrist
 {
     [JsonPropertyName("observation.images.image")] public ImageCell? Image { get; set; }
     [JsonPropertyName("observation.state")] public List<float>? State { get; set; }
+    [JsonPropertyName("observation.environment_state")] public List<float>? EnvironmentState { get; set; }
     [JsonPropertyName("action")] public List<float>? Action { get; set; }
     [JsonPropertyName("timestamp")] public float Timestamp { get; set; }
     [JsonPropertyName("frame_index")] public long FrameIndex { get; set; }
@@ -46,6 +48,7 @@ public static class LeRobotLayout
     public const int ChunksSize = 1000;
     public const string DataPath = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet";
     public const string ImageKey = "observation.images.image", WristKey = "observation.images.wrist_image";
+    public const string EnvironmentStateKey = "observation.environment_state";
 
     public static string EpisodeFile(string root, int episodeIndex) =>
         Path.Combine(root, "data", $"chunk-{episodeIndex / ChunksSize:000}", $"episode_{episodeIndex:000000}.parquet");

@@ -164,6 +164,26 @@ public sealed class TabletopEnv : IDisposable
         return [(float)p.X, (float)p.Y, (float)p.Z, (float)e.X, (float)e.Y, (float)e.Z, (float)FingerLeft, (float)FingerRight];
     }
 
+    /// <summary>
+    /// Names of <see cref="EnvironmentState"/>: every cube's centre (x, y, z), then the plate's and each target's (x, y), in
+    /// metres in the world frame. LeRobot's name for such privileged simulator state is observation.environment_state.
+    /// </summary>
+    public static readonly string[] EnvironmentStateNames =
+    [
+        .. TabletopScene.CubeColours.SelectMany(c => new[] { $"{c}_x", $"{c}_y", $"{c}_z" }), "plate_x", "plate_y",
+        .. TabletopScene.TargetColours.SelectMany(c => new[] { $"{c}_x", $"{c}_y" }),
+    ];
+
+    /// <summary>Where the objects are (see <see cref="EnvironmentStateNames"/>): what a policy has to find in the image.</summary>
+    public float[] EnvironmentState()
+    {
+        var v = new List<float>(EnvironmentStateNames.Length);
+        foreach (var c in TabletopScene.CubeColours) { var q = CubePosition(c); v.AddRange([(float)q.X, (float)q.Y, (float)q.Z]); }
+        v.AddRange([(float)PlatePosition.X, (float)PlatePosition.Y]);
+        foreach (var c in TabletopScene.TargetColours) { var q = TargetPosition(c); v.AddRange([(float)q.X, (float)q.Y]); }
+        return [.. v];
+    }
+
     /// <summary>Renders the third-person (or wrist) camera: ImageSize² RGB8, rows top to bottom.</summary>
     public byte[] Render(bool wrist = false)
     {

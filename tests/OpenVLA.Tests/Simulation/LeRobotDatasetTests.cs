@@ -27,6 +27,10 @@ public sealed class LeRobotDatasetTests : IDisposable
         Assert.Equal(summary.Frames, (long)info["total_frames"]!);
         Assert.Equal("image", (string?)info["features"]!["observation.images.image"]!["dtype"]);
         Assert.Equal(7, (int)info["features"]!["action"]!["shape"]![0]!);
+        var environment = info["features"]!["observation.environment_state"]!;
+        Assert.Equal(18, (int)environment["shape"]![0]!);
+        Assert.Equal(["red_x", "red_y", "red_z"], environment["names"]!.AsArray().Take(3).Select(n => (string)n!));
+        Assert.Equal(["plate_x", "plate_y", "purple_x", "purple_y", "orange_x", "orange_y"], environment["names"]!.AsArray().Skip(12).Select(n => (string)n!));
         var taskLines = File.ReadAllLines(Path.Combine(_dir, "meta", "tasks.jsonl"));
         Assert.Equal(TabletopTasks.InstructionCatalogue(tasks).Count, taskLines.Length);
         var episodeLines = File.ReadAllLines(Path.Combine(_dir, "meta", "episodes.jsonl")).Select(l => JsonNode.Parse(l)!).ToArray();
@@ -57,6 +61,15 @@ public sealed class LeRobotDatasetTests : IDisposable
                 Assert.Equal((32, 32), (w, h));
                 Assert.Equal(env.Render(), rgb);
                 Assert.Equal(env.State(), row.State!.ToArray());
+                Assert.Equal(env.EnvironmentState(), row.EnvironmentState!.ToArray());
+                if (t == 0)
+                    foreach (var (colour, i) in TabletopScene.CubeColours.Select((c, i) => (c, i)))
+                    {
+                        // Cubes start where the layout put them (x, y), resting on the table (z = half the cube).
+                        Assert.Equal(episode.Layout.Cubes[colour].X, row.EnvironmentState![3 * i], 2);
+                        Assert.Equal(episode.Layout.Cubes[colour].Y, row.EnvironmentState![3 * i + 1], 2);
+                        Assert.Equal(TabletopScene.CubeHalfSize, row.EnvironmentState![3 * i + 2], 2);
+                    }
                 Assert.Equal(7, row.Action!.Count);
                 env.Step(row.Action!.ToArray());
                 allActions.Add(row.Action!.ToArray());

@@ -68,4 +68,31 @@ public class FineTuneCommandTests
         Assert.Equal(2, bad.ExitCode);
         Assert.Contains("--lora-rank", bad.Stderr);
     }
+
+    [Fact]
+    public void FullTrainingWithAnAuxiliaryHeadLogsItsLossAndRefusesIncompleteOptions()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp["base"], "tiny", 3, torch.ScalarType.Float32);
+        TestDatasets.WriteLeRobot(tmp["data"], [6, 6, 6]);
+        string[] common = ["finetune", "--base", tmp["base"], "--dataset", tmp["data"], "--out", tmp["run"], "--full", "--batch-size", "2",
+            "--max-steps", "4", "--eval-steps", "4", "--save-steps", "4", "--held-out-fraction", "0.34", "--shuffle-buffer", "16", "--threads", "1"];
+
+        var noKeys = CliRunner.Run([.. common, "--aux-weight", "1"]);
+        Assert.Equal(2, noKeys.ExitCode);
+        Assert.Contains("--aux-weight needs targets", noKeys.Stderr);
+        var noWeight = CliRunner.Run([.. common, "--aux-keys", "observation.state"]);
+        Assert.Equal(2, noWeight.ExitCode);
+        Assert.Contains("--aux-keys needs --aux-weight", noWeight.Stderr);
+        var missing = CliRunner.Run([.. common, "--aux-weight", "1", "--aux-keys", "observation.environment_state"]);
+        Assert.Equal(2, missing.ExitCode);
+        Assert.Contains("has no aux key 'observation.environment_state'", missing.Stderr);
+
+        var run = CliRunner.Run([.. common, "--aux-weight", "0.5", "--aux-keys", "observation.state"]);
+        Assert.True(run.ExitCode == 0, run.Stderr);
+        Assert.Matches(@"eval @ step 4: loss \d\.\d{4} .* aux \d+\.\d{4} \(", run.Stderr);
+        var log = File.ReadAllLines(Path.Combine(tmp["run"], "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).ToList();
+        Assert.All(log, e => Assert.True(e["aux_loss"]!.GetValue<double>() >= 0));
+        Assert.True(File.Exists(Path.Combine(tmp["run"], "step-0000004", "training_state", "aux_head.safetensors")));
+    }
 }
