@@ -189,7 +189,6 @@ internal static class FineTuneVerbs
                 throw new UsageException("--aux-weight needs targets: --aux-keys (e.g. observation.state,observation.environment_state) or aux_keys in --dataset-config");
             using var data = VlaDataset.Open(datasetPath, datasetMapping, r.GetValue(datasetFormat));
             var stats = data.ComputeStatistics();
-            var auxStats = options.AuxWeight > 0 ? data.ComputeAuxStatistics() : null;
             var split = data.SplitEpisodes(r.GetValue(heldOut), options.Seed);
             int imageSize = checkpoint.Config.ImageSize;
             var streamOptions = new StreamOptions
@@ -204,7 +203,7 @@ internal static class FineTuneVerbs
 
             using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
             WeightLoader.Load(model, checkpoint, training.Quantization(r));
-            using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics, auxStats);
+            using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics, stats.Aux);
             stats.SaveTo(runDir);
             if (latest is not null && r.GetValue(resume))
             {

@@ -67,6 +67,12 @@ public sealed record DatasetStatistics(string DatasetName, ArrayStatistics Actio
 {
     public const string FileName = "dataset_statistics.json";
 
+    /// <summary>
+    /// The aux targets' statistics (the dataset config's aux_keys), which the auxiliary head standardizes with; null without
+    /// aux_keys. Not part of dataset_statistics.json: a training device, not something the policy needs.
+    /// </summary>
+    public ArrayStatistics? Aux { get; init; }
+
     /// <summary>The un-normalization statistics the policy core uses at inference.</summary>
     public ActionStats ToActionStats()
     {

@@ -83,29 +83,30 @@ public sealed class VlaDataset : IDisposable
 
     /// <summary>
     /// Statistics of the mapped actions (and proprio) over every usable episode, as the reference computes them before
-    /// training; the action mask is the config's normalization mask.
+    /// training; the action mask is the config's normalization mask. With aux_keys, the same pass also gives the aux
+    /// targets' statistics (<see cref="DatasetStatistics.Aux"/>).
     /// </summary>
     public DatasetStatistics ComputeStatistics()
     {
         var actions = new List<float[]>();
         var proprio = new List<float[]>();
+        var aux = new List<float[]>();
         foreach (int e in _usable)
         {
             var ep = ReadEpisode(e, withImages: false);
             actions.AddRange(ep.Actions);
             proprio.AddRange(ep.Proprio);
+            if (ep.Aux is not null) aux.AddRange(ep.Aux);
         }
         var action = ArrayStatistics.Compute(actions, Config.ActionDim, Config.MaskOrDefault());
         int proprioDim = proprio.Count > 0 ? proprio[0].Length : 0;
         var proprioStats = proprioDim > 0 ? ArrayStatistics.Compute(proprio, proprioDim) : ArrayStatistics.Zeros(Config.ActionDim);
-        return new DatasetStatistics(Name, action, proprioStats, actions.Count, _usable.Length);
+        return new DatasetStatistics(Name, action, proprioStats, actions.Count, _usable.Length) { Aux = AuxStatistics(aux) };
     }
 
-    /// <summary>Mean and std of the config's aux targets over every usable episode (what the auxiliary head regresses, standardized).</summary>
-    public ArrayStatistics ComputeAuxStatistics()
+    ArrayStatistics? AuxStatistics(List<float[]> rows)
     {
-        if (Config.AuxKeys is null) throw new DatasetException($"{Name}: no aux_keys configured");
-        var rows = _usable.SelectMany(e => ReadEpisode(e, withImages: false).Aux!).ToList();
+        if (Config.AuxKeys is null) return null;
         if (rows.Count == 0) throw new DatasetException($"{Name}: no steps to compute aux statistics over");
         int dim = rows[0].Length;
         if (rows.Any(r => r.Length != dim)) throw new DatasetException($"{Name}: aux targets of different lengths ({dim} and {rows.First(r => r.Length != dim).Length})");

@@ -311,14 +311,11 @@ public sealed class Trainer : IDisposable
             // Free to change between runs: when and what to save or evaluate, whether to checkpoint activations (the
             // gradients are bit-identical), and the step budget unless a cosine schedule depends on it.
             if (key is "save_steps" or "eval_steps" or "eval_examples" or "keep_checkpoints" or "merge" or "gradient_checkpointing"
-                || key == "max_steps" && Options.Schedule == "constant" || key == "aux_weight") continue;
-            if (!JsonNode.DeepEquals(saved[key], value))
-                throw new PolicyInputException($"cannot resume from {checkpointDir}: option {key} was {saved[key]?.ToJsonString() ?? "unset"}, now {value?.ToJsonString() ?? "unset"}");
+                || key == "max_steps" && Options.Schedule == "constant") continue;
+            var was = saved[key] ?? (AddedOptions.TryGetValue(key, out var old) ? JsonValue.Create(old) : null);
+            if (!JsonNode.DeepEquals(was, value))
+                throw new PolicyInputException($"cannot resume from {checkpointDir}: option {key} was {was?.ToJsonString() ?? "unset"}, now {value?.ToJsonString() ?? "unset"}");
         }
-        // Runs saved before the auxiliary head existed have no aux_weight: they trained without one.
-        double savedAux = saved["aux_weight"]?.GetValue<double>() ?? 0;
-        if (savedAux != Options.AuxWeight)
-            throw new PolicyInputException($"cannot resume from {checkpointDir}: option aux_weight was {savedAux}, now {Options.AuxWeight}");
         using (torch.no_grad())
         {
             if (Options.Full)
@@ -347,6 +344,9 @@ public sealed class Trainer : IDisposable
         source.Restore(state["cursor"]!);
         Metrics.TruncateAfter(step);
     }
+
+    /// <summary>Options added after runs were saved without them, with the value those runs trained with.</summary>
+    static readonly Dictionary<string, double> AddedOptions = new() { ["aux_weight"] = 0 };
 
     static JsonObject OptionsJson(TrainerOptions o) => new()
     {

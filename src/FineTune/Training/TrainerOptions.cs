@@ -52,7 +52,7 @@ public sealed record TrainerOptions
         if (Optimizer.LearningRate <= 0) throw new ArgumentException($"learning rate must be positive, got {Optimizer.LearningRate}");
         if (MaxGradNorm < 0) throw new ArgumentException($"max grad norm must be non-negative, got {MaxGradNorm}");
         if (SaveSteps < 0 || EvalSteps < 0 || EvalExamples < 0) throw new ArgumentException("save, eval steps and eval examples must be non-negative");
-        if (!(AuxWeight >= 0) || double.IsInfinity(AuxWeight)) throw new ArgumentException($"aux weight must be a finite non-negative number, got {AuxWeight}");
+        if (!double.IsFinite(AuxWeight) || AuxWeight < 0) throw new ArgumentException($"aux weight must be a finite non-negative number, got {AuxWeight}");
         if (KeepCheckpoints < 1) throw new ArgumentException($"keep checkpoints must be at least 1, got {KeepCheckpoints}");
     }
 }

@@ -42,7 +42,7 @@ public class LeRobotReaderTests
         for (int t = 0; t < 2; t++) Assert.Equal([1f, t, 0.5f * t, .. TestDatasets.Action(1, t)], ep.Aux![t]);
 
         // Over the 6 steps: state dim 0 is the episode (0,0,0,0,1,1), dim 1 the step (0,1,2,3,0,1).
-        var stats = data.ComputeAuxStatistics();
+        var stats = data.ComputeStatistics().Aux!;
         Assert.Equal(10, stats.Dim);
         Assert.Equal(2 / 6.0, stats.Mean[0], 6);
         Assert.Equal(Math.Sqrt(2 / 6.0 - 4 / 36.0), stats.Std[0], 6);
@@ -50,8 +50,7 @@ public class LeRobotReaderTests
 
         var e = Assert.Throws<DatasetException>(() => VlaDataset.Open(dir.Path, new DatasetConfig { AuxKeys = ["observation.environment_state"] }));
         Assert.StartsWith($"LeRobot dataset {dir.Path} has no aux key 'observation.environment_state' (features: ", e.Message);
-        e = Assert.Throws<DatasetException>(() => VlaDataset.Open(dir.Path).ComputeAuxStatistics());
-        Assert.Contains("no aux_keys configured", e.Message);
+        Assert.Null(VlaDataset.Open(dir.Path).ComputeStatistics().Aux);
         e = Assert.Throws<DatasetException>(() => DatasetConfig.Parse("{\"aux_keys\": []}"));
         Assert.Contains("aux_keys must list one or more distinct keys", e.Message);
     }

@@ -106,6 +106,17 @@ public class AuxHeadTests
 
         var e = Assert.Throws<OpenVLA.Policy.PolicyInputException>(() => Run(tmp["b"], options with { AuxWeight = 0 }, 7));
         Assert.Contains("aux_weight was 0.5, now 0", e.Message);
+
+        // A run saved before the option existed has no aux_weight in its state: it trained without a head.
+        var plain = options with { AuxWeight = 0 };
+        Run(tmp["d"], plain, 1, saveAt: 1);
+        var statePath = Path.Combine(Trainer.LatestCheckpoint(tmp["d"])!, "training_state", "state.json");
+        var state = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(statePath))!;
+        Assert.True(state["options"]!.AsObject().Remove("aux_weight"));
+        File.WriteAllText(statePath, state.ToJsonString());
+        e = Assert.Throws<OpenVLA.Policy.PolicyInputException>(() => Run(tmp["d"], options, 2));
+        Assert.Contains("aux_weight was 0, now 0.5", e.Message);
+        Assert.Single(Run(tmp["d"], plain, 2));
         var (model, checkpoint, tokenizer) = TrainingFixtures.Load(baseDir);
         using var _ = model;
         var none = Assert.Throws<ArgumentException>(() => new Trainer(model, checkpoint, tokenizer, options, tmp["c"], TrainingFixtures.Statistics()));
