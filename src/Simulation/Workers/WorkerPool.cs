@@ -4,7 +4,7 @@ using System.Text.Json;
 
 namespace OpenVLA.Simulation.Workers;
 
-/// <summary>A worker process died while running a job; the job was retried on a fresh worker.</summary>
+/// <summary>A worker process died (or hit a libtorch error) while running a job; the job was retried on a fresh worker.</summary>
 public sealed record WorkerCrash(int Worker, string Job, int? ExitCode, string StderrTail);
 
 /// <summary>A worker reported that a job failed for a reason a retry will not fix (bad policy, unreachable server, ...).</summary>
@@ -14,7 +14,8 @@ public sealed class WorkerJobException(string message) : Exception(message);
 /// Runs jobs in separate worker processes (each with its own MuJoCo data and GL context) over a JSON-lines protocol:
 /// the parent writes one job per line to a worker's stdin, the worker answers one line <c>{"ok":true,"result":...}</c> or
 /// <c>{"ok":false,"error":"..."}</c> on stdout. A worker that dies mid-job is recorded as a crash, replaced, and its job
-/// is retried (up to <see cref="MaxAttempts"/> times) — episodes are never silently lost.
+/// is retried (up to <see cref="MaxAttempts"/> times) — episodes are never silently lost. A job whose error comes from
+/// libtorch is handled the same way; any other job error (bad policy, unreachable server) fails the run at once.
 /// </summary>
 public sealed class WorkerPool
 {
@@ -74,8 +75,28 @@ public sealed class WorkerPool
                     using var reply = JsonDocument.Parse(line);
                     if (!reply.RootElement.GetProperty("ok").GetBoolean())
                     {
-                        lock (gate) failure ??= new WorkerJobException(reply.RootElement.GetProperty("error").GetString() ?? "worker error");
-                        break;
+                        string error = reply.RootElement.GetProperty("error").GetString() ?? "worker error";
+                        if (!IsNativeError(error))
+                        {
+                            lock (gate) failure ??= new WorkerJobException(error);
+                            break;
+                        }
+                        // A libtorch error (TorchSharp's implicitly created Scalars have been seen to fail this way about once
+                        // in a few hundred episodes) is handled like a crash: the worker is replaced, since its native
+                        // state is suspect, and the job retried, so one transient error does not lose a long evaluation.
+                        var crash = new WorkerCrash(w, jobJson.Length > 300 ? jobJson[..300] + "..." : jobJson, null, "job error: " + error);
+                        worker.Dispose();
+                        worker = null;
+                        lock (gate)
+                        {
+                            Crashes.Add(crash);
+                            Console.Error.WriteLine($"openvla: job {item.Index} hit a libtorch error on worker {w}: {Truncate(error, 160)}; " +
+                                                    (item.Attempt < MaxAttempts ? "retrying it on a new worker" : "giving up on it"));
+                            if (item.Attempt >= MaxAttempts)
+                                failure ??= new WorkerJobException($"job {item.Index} failed {MaxAttempts} times; last error: {error}");
+                        }
+                        if (item.Attempt < MaxAttempts) queue.Enqueue((item.Index, item.Attempt + 1));
+                        continue;
                     }
                     var result = reply.RootElement.GetProperty("result").Deserialize<TResult>(WorkerJson.Options)!;
                     lock (gate) onResult(item.Index, result);
@@ -90,6 +111,11 @@ public sealed class WorkerPool
         if (failure is not null) throw failure;
         cancellation.ThrowIfCancellationRequested();
     }
+
+    /// <summary>An error raised inside libtorch (c10's messages carry "Exception raised from"), not by our own checks.</summary>
+    public static bool IsNativeError(string error) => error.Contains("Exception raised from", StringComparison.Ordinal);
+
+    private static string Truncate(string s, int max) => s.Length <= max ? s : s[..max] + "...";
 
     private sealed class WorkerProcess : IDisposable
     {
