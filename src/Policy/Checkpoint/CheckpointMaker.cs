@@ -21,11 +21,12 @@ public sealed record CheckpointPreset(
             new VitConfig(32, 3, 2, 64, 14, 56, 4, true, true, false),
             new VitConfig(64, 3, 2, 128, 14, 56, 0, false, false, true),
             Llama(hidden: 64, layers: 2, heads: 4, intermediate: 128, tokenizerVocab: 1024), 1024),
-        // The embedded default policy (scripts/train-default-model): trained from scratch on the simulation suite on a
-        // 2-core CPU, so 112 px (8×8 patches per tower) and narrow towers; one action well under 100 ms on 2 cores.
+        // The embedded default policy (scripts/train-default-model): trained from scratch on the simulation suite, so
+        // 112 px, narrow towers and 28 px patches (4×4 per tower: 16 image tokens, which cut the instruction-only plateau
+        // of from-scratch training and the step time; docs/benchmarks.md); one action well under 100 ms on 2 cores.
         "small" => new("small", 112,
-            new VitConfig(128, 4, 4, 512, 14, 112, 4, true, true, false),
-            new VitConfig(128, 4, 4, 512, 14, 112, 0, false, false, true),
+            new VitConfig(128, 4, 4, 512, 28, 112, 4, true, true, false),
+            new VitConfig(128, 4, 4, 512, 28, 112, 0, false, false, true),
             Llama(hidden: 256, layers: 4, heads: 4, intermediate: 768, tokenizerVocab: 1024), 1024),
         // The real geometry (224 px, 256 patches per tower, 7 action tokens) at a width a CPU runs in tens of ms.
         "mini" => new("mini", 224,

@@ -74,7 +74,7 @@ public static class TabletopScene
                 <light name="sun" pos="0.5 0 1.5" dir="0 0 -1" directional="true" diffuse="0.5 0.5 0.5" specular="0 0 0"/>
                 <geom name="floor" type="plane" pos="0 0 -0.75" size="3 3 0.1" rgba="0.25 0.25 0.28 1"/>
                 <geom name="table" type="box" pos="0.4 0 -0.025" size="0.6 0.6 0.025" rgba="0.78 0.74 0.66 1" friction="0.6 0.005 0.0001"/>
-                <camera name="agentview" pos="1.0 0 0.72" xyaxes="0 1 0 -0.72 0 0.52" fovy="48"/>
+                <camera name="agentview" pos="0.85 0 0.70" xyaxes="0 1 0 -0.894 0 0.447" fovy="46"/>
 
                 <body name="link0" pos="0 0 0">
                   <geom class="link" type="cylinder" size="0.07 0.06" pos="0 0 0.06" rgba="0.3 0.3 0.32 1"/>

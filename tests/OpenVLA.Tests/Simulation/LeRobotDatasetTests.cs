@@ -97,7 +97,7 @@ public sealed class LeRobotDatasetTests : IDisposable
         Assert.Equal(allActions.Count, (long)lerobot["action"]!["count"]![0]!);
         Assert.Equal(3, lerobot["observation.images.image"]!["mean"]!.AsArray().Count);
         Assert.Equal(allActions.Count, (long)lerobot["observation.images.image"]!["count"]![0]!); // frames, not pixels
-        Assert.InRange((double)lerobot["observation.images.image"]!["mean"]![0]![0]![0]!, 0.2, 0.95); // red channel, scaled to [0, 1]
+        Assert.InRange((double)lerobot["observation.images.image"]!["mean"]![0]![0]![0]!, 0.2, 1.0); // red channel, scaled to [0, 1] (the pale table fills most of the frame)
         Assert.Equal(2, File.ReadAllLines(Path.Combine(_dir, "meta", "episodes_stats.jsonl")).Length);
     }
 
