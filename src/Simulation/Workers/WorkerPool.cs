@@ -155,10 +155,17 @@ public sealed class WorkerPool
             catch (AggregateException e) when (e.InnerException is IOException) { return null; }
         }
 
+        /// <summary>
+        /// The exit code of a worker that died (null if it is still running after 2 s). Also lets the stderr reader
+        /// drain: WaitForExit(timeout) returns before the last asynchronous stderr lines are delivered, so without the
+        /// second wait a crash could be recorded with an empty <see cref="StderrTail"/> (seen on CI). That wait is
+        /// bounded too, in case something else still holds the pipe open.
+        /// </summary>
         public int? ExitCode()
         {
-            _process.WaitForExit(2000);
-            return _process.HasExited ? _process.ExitCode : null;
+            if (!_process.WaitForExit(2000)) return null;
+            Task.Run(() => _process.WaitForExit()).Wait(TimeSpan.FromSeconds(2));
+            return _process.ExitCode;
         }
 
         /// <summary>What the worker said last; our own "openvla:" lines first, since a crash ends with a long stack trace.</summary>
