@@ -1,5 +1,6 @@
 using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Model;
 using TorchSharp;
 using static TorchSharp.torch;
 using Parameter = TorchSharp.Modules.Parameter;
@@ -59,17 +60,22 @@ public sealed class AdamW : IDisposable
         double bc1 = 1 - Math.Pow(Hyper.Beta1, Step), bc2 = 1 - Math.Pow(Hyper.Beta2, Step);
         double stepSize = lr / bc1, bc2Sqrt = Math.Sqrt(bc2);
         using var noGrad = torch.no_grad();
+        // Held for the whole update (see KeptScalars): numbers passed straight to the in-place ops would be implicit
+        // Scalars the garbage collector may free mid-call.
+        using Scalar decay = (1 - lr * Hyper.WeightDecay).ToScalar(), beta2 = Hyper.Beta2.ToScalar(), keep2 = (1 - Hyper.Beta2).ToScalar(),
+            bias2 = bc2Sqrt.ToScalar(), eps = Hyper.Eps.ToScalar(), step = (-stepSize).ToScalar();
+        using Tensor keep1 = torch.tensor(1 - Hyper.Beta1); // lerp_ takes its weight as a tensor (a 0-d float64, as before)
         foreach (var s in _slots)
         {
             if (s.Parameter.grad is not { } grad) continue;
             using var scope = NewDisposeScope();
             var g = grad.dtype == ScalarType.Float32 ? grad : grad.to(ScalarType.Float32);
             var w = s.Master ?? s.Parameter;
-            w.mul_(1 - lr * Hyper.WeightDecay);
-            s.ExpAvg.lerp_(g, 1 - Hyper.Beta1);
-            s.ExpAvgSq.mul_(Hyper.Beta2).addcmul_(g, g, 1 - Hyper.Beta2);
-            var denom = (s.ExpAvgSq.sqrt() / bc2Sqrt).add_(Hyper.Eps);
-            w.addcdiv_(s.ExpAvg, denom, -stepSize);
+            w.mul_(decay);
+            s.ExpAvg.lerp_(g, keep1);
+            s.ExpAvgSq.mul_(beta2).addcmul_(g, g, keep2);
+            var denom = s.ExpAvgSq.sqrt().div_(bias2).add_(eps, KeptScalars.One);
+            w.addcdiv_(s.ExpAvg, denom, step);
             if (s.Master is not null) s.Parameter.copy_(s.Master);
         }
     }

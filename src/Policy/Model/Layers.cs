@@ -30,6 +30,7 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public Linear? lora_A;
     public Linear? lora_B;
     double _loraScaling;
+    Scalar? _loraScalingScalar;
     double _loraDropout;
     Generator? _dropoutGenerator;
     QuantizedWeight? _quantized;
@@ -85,8 +86,8 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
             var keep = torch.empty_like(h).bernoulli_(1 - _loraDropout, _dropoutGenerator);
             h = h * keep / (1 - _loraDropout);
         }
-        var delta = lora_B.forward(lora_A.forward(h)) * _loraScaling;
-        return (y + delta.to(y.dtype)).MoveToOuterDisposeScope();
+        var delta = lora_B.forward(lora_A.forward(h)).mul(_loraScalingScalar!);
+        return y.add(delta.to(y.dtype), KeptScalars.One).MoveToOuterDisposeScope();
     }
 
     /// <summary>Adds a trainable adapter of rank <paramref name="rank"/>; the base weight and bias stop requiring grad.
@@ -111,6 +112,7 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         register_module("lora_A", a);
         register_module("lora_B", b);
         _loraScaling = alpha / rank;
+        _loraScalingScalar = _loraScaling.ToScalar();
         _loraDropout = dropout;
         _dropoutGenerator = generator;
     }
@@ -129,7 +131,7 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
 
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _quantized?.Dispose();
+        if (disposing) { _quantized?.Dispose(); _loraScalingScalar?.Dispose(); }
         base.Dispose(disposing);
     }
 
@@ -175,13 +177,19 @@ public sealed class LayerNorm : nn.Module<Tensor, Tensor>
 public sealed class RMSNorm : nn.Module<Tensor, Tensor>
 {
     public Parameter weight;
-    readonly double _eps;
+    readonly Scalar _eps;
 
     public RMSNorm(int dim, double eps, ModelPrecision p) : base(nameof(RMSNorm))
     {
         weight = p.Empty(dim);
-        _eps = eps;
+        _eps = eps.ToScalar();
         RegisterComponents();
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _eps.Dispose();
+        base.Dispose(disposing);
     }
 
     public override Tensor forward(Tensor x)
@@ -189,8 +197,8 @@ public sealed class RMSNorm : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var dtype = x.dtype;
         var h = x.to(ScalarType.Float32);
-        var variance = h.pow(2).mean([-1], keepdim: true);
-        h = h * rsqrt(variance + _eps);
+        var variance = h.square().mean([-1], keepdim: true);
+        h = h * rsqrt(variance.add(_eps, KeptScalars.One));
         return (weight * h.to(dtype)).MoveToOuterDisposeScope();
     }
 }

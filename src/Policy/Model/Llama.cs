@@ -79,7 +79,7 @@ public sealed class RotaryEmbedding : IDisposable
         using var scope = NewDisposeScope();
         long half = x.shape[^1] / 2;
         var rotated = cat([-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
-        return (x * cos + rotated * sin).MoveToOuterDisposeScope();
+        return (x * cos).add(rotated * sin, KeptScalars.One).MoveToOuterDisposeScope();
     }
 
     public void Dispose() { _cos.Dispose(); _sin.Dispose(); }
@@ -197,8 +197,8 @@ public sealed class LlamaDecoderLayer : nn.Module
     public Tensor Forward(Tensor x, Tensor cos, Tensor sin, KvCache? cache, int layer, Tensor? mask)
     {
         using var scope = NewDisposeScope();
-        x = x + self_attn.Forward(input_layernorm.forward(x), cos, sin, cache, layer, mask);
-        x = x + mlp.forward(post_attention_layernorm.forward(x));
+        x = x.add(self_attn.Forward(input_layernorm.forward(x), cos, sin, cache, layer, mask), KeptScalars.One);
+        x = x.add(mlp.forward(post_attention_layernorm.forward(x)), KeptScalars.One);
         return x.MoveToOuterDisposeScope();
     }
 }
@@ -264,7 +264,7 @@ public sealed class LlamaForCausalLM : nn.Module
 
         var steps = arange(start, start + l, device: device).view(1, l);
         var pads = tensor(cache.PadLengths, device: device).view(b, 1);
-        var positions = (steps - pads).clamp_min(0);
+        var positions = steps.sub(pads).clamp_min(KeptScalars.Zero);
         var (cos, sin) = _rope.Gather(positions);
 
         Tensor? mask = null;

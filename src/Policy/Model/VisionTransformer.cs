@@ -128,9 +128,9 @@ public sealed class VitBlock : nn.Module<Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var a = attn.forward(norm1.forward(x));
-        x = x + (ls1 is null ? a : ls1.forward(a));
+        x = x.add(ls1 is null ? a : ls1.forward(a), KeptScalars.One);
         var m = mlp.forward(norm2.forward(x));
-        x = x + (ls2 is null ? m : ls2.forward(m));
+        x = x.add(ls2 is null ? m : ls2.forward(m), KeptScalars.One);
         return x.MoveToOuterDisposeScope();
     }
 }
@@ -173,7 +173,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor pixels)
     {
         using var scope = NewDisposeScope();
-        var x = patch_embed.forward(pixels) + pos_embed;
+        var x = patch_embed.forward(pixels).add(pos_embed, KeptScalars.One);
         long b = x.shape[0];
         var prefix = new List<Tensor>();
         if (cls_token is not null) prefix.Add(cls_token.expand(b, -1, -1));
