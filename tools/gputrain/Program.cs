@@ -11,7 +11,7 @@ using static TorchSharp.torch;
 // Usage: dotnet run -c Release -- DATASET CHECK_CHECKPOINT OUT [SEED] [AUX_KEYS]
 //        dotnet run -c Release -- plot METRICS_JSONL PNG      (train_gpu.py's metrics, drawn as finetune draws its own)
 // Writes OUT/meta.json, frames.u8 (N×S×S×3), ids.i16 (N×T, −1 padded), aux.f32 (N×A), split.u8 (0 train, 1 held out),
-// episode.i32, and check.* : the first two examples' pixel values and our model's logits and loss for them, computed with
+// and check.* : the first two examples' pixel values and our model's logits and loss for them, computed with
 // CHECK_CHECKPOINT (any checkpoint with the dataset's image size), so train_gpu.py can verify its forward pass.
 if (args is ["plot", var metricsPath, var pngPath])
 {
@@ -32,11 +32,11 @@ var stats = data.ComputeStatistics();
 var split = data.SplitEpisodes(0.05, seed);
 int size = checkpoint.Config.ImageSize;
 
-var examples = new List<(TrainingExample Example, int Episode, byte Split)>();
+var examples = new List<(TrainingExample Example, byte Split)>();
 foreach (var (episodes, flag) in new[] { (split.Train, (byte)0), (split.HeldOut, (byte)1) })
 {
     var stream = new TrainingStream(data, episodes, stats, new StreamOptions { Shuffle = false, Repeat = false, ImageSize = size, Seed = seed });
-    foreach (var s in stream) examples.Add((StreamExampleSource.ToExample(s), s.EpisodeIndex, flag));
+    foreach (var s in stream) examples.Add((StreamExampleSource.ToExample(s), flag));
     Console.Error.WriteLine($"pack: {examples.Count} examples");
 }
 var rows = examples.Select(e => objective.SequenceIds(e.Example)).ToArray();
@@ -49,7 +49,6 @@ for (int i = 0; i < rows.Length; i++) for (int j = 0; j < rows[i].Length; j++) i
 File.WriteAllBytes(Path.Combine(outDir, "ids.i16"), System.Runtime.InteropServices.MemoryMarshal.AsBytes(ids.AsSpan()).ToArray());
 File.WriteAllBytes(Path.Combine(outDir, "aux.f32"), System.Runtime.InteropServices.MemoryMarshal.AsBytes(examples.SelectMany(e => e.Example.Aux!).ToArray().AsSpan()).ToArray());
 File.WriteAllBytes(Path.Combine(outDir, "split.u8"), examples.Select(e => e.Split).ToArray());
-File.WriteAllBytes(Path.Combine(outDir, "episode.i32"), System.Runtime.InteropServices.MemoryMarshal.AsBytes(examples.Select(e => e.Episode).ToArray().AsSpan()).ToArray());
 
 // Reference computation on the first two examples.
 var pair = examples.Take(2).Select(e => e.Example).ToList();

@@ -390,11 +390,12 @@ def main():
                 loss, acc = score(model, h, fl, fa, ve)
                 h2, fl2, _ = model.forward(px.roll(1, 0), i, v, lb)
                 shuffled, _ = score(model, h2, fl2, fa, ve)
-                pred = F.linear(patches.reshape(len(idx), -1).float(), aux_w, aux_b)
                 tot["loss"] += loss.item() / len(chunks)
                 tot["acc"] += acc.item() / len(chunks)
                 tot["shuffled"] += shuffled.item() / len(chunks)
-                tot["aux"] += (pred - aux).pow(2).mean().item() / len(chunks)
+                if a.aux_weight > 0:                          # an untrained head's error would mean nothing
+                    pred = F.linear(patches.reshape(len(idx), -1).float(), aux_w, aux_b)
+                    tot["aux"] += (pred - aux).pow(2).mean().item() / len(chunks)
         row = {"step": step, "split": "eval", "loss": tot["loss"], "action_accuracy": tot["acc"],
                "vision_gain": tot["shuffled"] - tot["loss"], "aux_loss": tot["aux"], "elapsed_s": time.time() - t_start}
         metrics.write(json.dumps(row) + "\n")

@@ -56,20 +56,29 @@ public sealed class WorkerPool
                     worker ??= new WorkerProcess(_fileName, _arguments);
                     string jobJson = JsonSerializer.Serialize(jobs[item.Index], WorkerJson.Options);
                     string? line = worker.Call(jobJson, _jobTimeout);
-                    if (line is null)
+                    // The worker is replaced and the job retried, up to MaxAttempts: after a crash (line is null), or
+                    // after a libtorch error (TorchSharp's implicitly created Scalars have been seen to fail this way
+                    // about once in a few hundred episodes), since the worker's native state is then suspect.
+                    void Retry(WorkerCrash crash, string what, string finalFailure)
                     {
-                        var crash = new WorkerCrash(w, jobJson.Length > 300 ? jobJson[..300] + "..." : jobJson, worker.ExitCode(), worker.StderrTail());
-                        worker.Dispose();
+                        worker!.Dispose();
                         worker = null;
                         lock (gate)
                         {
                             Crashes.Add(crash);
-                            Console.Error.WriteLine($"openvla: worker {w} crashed (exit code {crash.ExitCode?.ToString() ?? "?"}) on job {item.Index}; " +
+                            Console.Error.WriteLine($"openvla: {what} on job {item.Index}; " +
                                                     (item.Attempt < MaxAttempts ? "retrying it on a new worker" : "giving up on it"));
                             if (item.Attempt >= MaxAttempts)
-                                failure ??= new WorkerJobException($"job {item.Index} crashed its worker {MaxAttempts} times; last stderr: {crash.StderrTail}");
+                                failure ??= new WorkerJobException(finalFailure);
                         }
                         if (item.Attempt < MaxAttempts) queue.Enqueue((item.Index, item.Attempt + 1));
+                    }
+                    string jobSummary = Truncate(jobJson, 300);
+                    if (line is null)
+                    {
+                        var crash = new WorkerCrash(w, jobSummary, worker.ExitCode(), worker.StderrTail());
+                        Retry(crash, $"worker {w} crashed (exit code {crash.ExitCode?.ToString() ?? "?"})",
+                              $"job {item.Index} crashed its worker {MaxAttempts} times; last stderr: {crash.StderrTail}");
                         continue;
                     }
                     using var reply = JsonDocument.Parse(line);
@@ -81,21 +90,8 @@ public sealed class WorkerPool
                             lock (gate) failure ??= new WorkerJobException(error);
                             break;
                         }
-                        // A libtorch error (TorchSharp's implicitly created Scalars have been seen to fail this way about once
-                        // in a few hundred episodes) is handled like a crash: the worker is replaced, since its native
-                        // state is suspect, and the job retried, so one transient error does not lose a long evaluation.
-                        var crash = new WorkerCrash(w, jobJson.Length > 300 ? jobJson[..300] + "..." : jobJson, null, "job error: " + error);
-                        worker.Dispose();
-                        worker = null;
-                        lock (gate)
-                        {
-                            Crashes.Add(crash);
-                            Console.Error.WriteLine($"openvla: job {item.Index} hit a libtorch error on worker {w}: {Truncate(error, 160)}; " +
-                                                    (item.Attempt < MaxAttempts ? "retrying it on a new worker" : "giving up on it"));
-                            if (item.Attempt >= MaxAttempts)
-                                failure ??= new WorkerJobException($"job {item.Index} failed {MaxAttempts} times; last error: {error}");
-                        }
-                        if (item.Attempt < MaxAttempts) queue.Enqueue((item.Index, item.Attempt + 1));
+                        Retry(new WorkerCrash(w, jobSummary, null, "job error: " + error),
+                              $"worker {w} hit a libtorch error ({Truncate(error, 160)})", $"job {item.Index} failed {MaxAttempts} times; last error: {error}");
                         continue;
                     }
                     var result = reply.RootElement.GetProperty("result").Deserialize<TResult>(WorkerJson.Options)!;

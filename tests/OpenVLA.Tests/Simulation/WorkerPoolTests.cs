@@ -28,5 +28,24 @@ public sealed class WorkerPoolTests
         var failing = new WorkerPool(["sh", "-c", "read -r line; echo '{\"ok\":false,\"error\":\"server unreachable\"}'"], workers: 1);
         var e = Assert.Throws<WorkerJobException>(() => failing.Run<int, int>([1], (_, _) => { }));
         Assert.Equal("server unreachable", e.Message);
+        Assert.Empty(failing.Crashes); // not a libtorch error: no retry
+    }
+
+    [Fact]
+    public void A_libtorch_error_replaces_the_worker_and_retries_the_job()
+    {
+        // The first job this worker ever sees (across its restarts: the marker file outlives the process) fails with a
+        // c10-style message; every other job is echoed back.
+        using var dir = new TestPaths.TempDir();
+        string marker = dir["failed"];
+        var pool = new WorkerPool(["bash", "-c", $$"""while read -r job; do if [ ! -e '{{marker}}' ]; then touch '{{marker}}'; echo '{"ok":false,"error":"Expected false to be true. Exception raised from toFloat at Scalar.h:140"}'; else echo "{\"ok\":true,\"result\":$job}"; fi; done"""], workers: 1);
+        var results = new Dictionary<int, int>();
+
+        pool.Run<int, int>([10, 20, 30], (i, r) => results[i] = r);
+
+        Assert.Equal(new Dictionary<int, int> { [0] = 10, [1] = 20, [2] = 30 }, results);
+        var crash = Assert.Single(pool.Crashes);
+        Assert.StartsWith("job error: Expected false", crash.StderrTail);
+        Assert.Null(crash.ExitCode);
     }
 }
