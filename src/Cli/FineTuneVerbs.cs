@@ -126,6 +126,7 @@ internal static class FineTuneVerbs
         var heldOut = new Option<double>("--held-out-fraction") { Description = "share of episodes held out for evaluation", DefaultValueFactory = _ => 0.05 };
         var shuffle = new Option<int>("--shuffle-buffer") { Description = "steps in the shuffle buffer (reference 100000; memory: that many encoded frames)", DefaultValueFactory = _ => 10_000 };
         var imageAug = new Option<bool>("--image-aug") { Description = "OpenVLA image augmentation (random resized crop 90% area, colour jitter); predict with --center-crop afterwards" };
+        var randomShift = new Option<int>("--random-shift") { Description = "augmentation: translate each frame by up to N pixels (border repeated); needs nothing at inference", DefaultValueFactory = _ => 0 };
         var merge = new Option<bool>("--merge") { Description = "also write the merged Hugging Face checkpoint at every save (LoRA)" };
         var keep = new Option<int>("--keep-checkpoints") { Description = "checkpoints kept on disk (the reference keeps the latest)", DefaultValueFactory = _ => 1 };
         var resume = new Option<bool>("--resume") { Description = "continue from the latest checkpoint in --out exactly where it stopped" };
@@ -136,7 +137,7 @@ internal static class FineTuneVerbs
         var auxWeight = new Option<double>("--aux-weight") { Description = "weight of an auxiliary loss: a linear head on the image tokens regresses --aux-keys (standardized); for training from scratch, never exported", DefaultValueFactory = _ => 0.0 };
         var auxKeys = new Option<string?>("--aux-keys") { Description = "LeRobot vector keys the auxiliary head regresses, comma-separated (e.g. observation.state,observation.environment_state); default: the dataset config's aux_keys" };
         var cmd = new Command("finetune", "Fine-tune an OpenVLA checkpoint with LoRA (or train it in full) on a robot dataset.")
-            { baseDir, dataset, datasetConfig, datasetFormat, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys };
+            { baseDir, dataset, datasetConfig, datasetFormat, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, randomShift, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys };
         training.AddTo(cmd);
         cmd.SetAction(r =>
         {
@@ -147,6 +148,8 @@ internal static class FineTuneVerbs
             };
             try { options.Validate(); }
             catch (ArgumentException e) { throw new UsageException(e.Message); }
+            if (r.GetValue(randomShift) < 0) throw new UsageException($"--random-shift must be 0 or more pixels, not {r.GetValue(randomShift)}");
+            if (r.GetValue(randomShift) > 0 && r.GetValue(imageAug)) throw new UsageException("--random-shift and --image-aug are alternatives: pick one");
             var dtype = training.WeightType(r);
             int elementBytes = dtype == torch.ScalarType.Float32 ? 4 : 2;
 
@@ -194,7 +197,7 @@ internal static class FineTuneVerbs
             var streamOptions = new StreamOptions
             {
                 Seed = options.Seed, ShuffleBufferSize = r.GetValue(shuffle), ImageSize = imageSize,
-                Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : null,
+                Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : r.GetValue(randomShift) > 0 ? new RandomShift(r.GetValue(randomShift)) : null,
             };
             var source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
             var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed);

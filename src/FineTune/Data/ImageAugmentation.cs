@@ -9,7 +9,7 @@ namespace OpenVLA.FineTune.Data;
 /// in that order, on a float image in [0, 1] clipped after every op. Our own seeded generator replaces TensorFlow's
 /// stateless RNG, so the distribution matches but not the individual draws.
 /// </summary>
-public sealed record ImageAugmentation
+public sealed record ImageAugmentation : IImageAugmentation
 {
     public double CropScale { get; init; } = 0.9;
     public double CropRatio { get; init; } = 1.0;

@@ -45,8 +45,8 @@ public sealed record StreamOptions
     /// policy's own resize here so training sees frames resized exactly as at inference.
     /// </summary>
     public Func<RgbImage, int, int, RgbImage>? Resizer { get; init; }
-    /// <summary>Augmentation (OpenVLA's image_aug), or null for none.</summary>
-    public ImageAugmentation? Augmentation { get; init; }
+    /// <summary>Augmentation (OpenVLA's image_aug, <see cref="RandomShift"/>), or null for none.</summary>
+    public IImageAugmentation? Augmentation { get; init; }
 }
 
 /// <summary>

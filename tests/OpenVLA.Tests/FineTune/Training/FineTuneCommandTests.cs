@@ -70,7 +70,7 @@ public class FineTuneCommandTests
     }
 
     [Fact]
-    public void FullTrainingWithAnAuxiliaryHeadLogsItsLossAndRefusesIncompleteOptions()
+    public void FullTrainingWithAnAuxiliaryHeadAndRandomShiftLogsItsLossAndRefusesIncompleteOptions()
     {
         using var tmp = new TestPaths.TempDir();
         CheckpointMaker.Write(tmp["base"], "tiny", 3, torch.ScalarType.Float32);
@@ -88,7 +88,14 @@ public class FineTuneCommandTests
         Assert.Equal(2, missing.ExitCode);
         Assert.Contains("has no aux key 'observation.environment_state'", missing.Stderr);
 
-        var run = CliRunner.Run([.. common, "--aux-weight", "0.5", "--aux-keys", "observation.state"]);
+        var negativeShift = CliRunner.Run([.. common, "--random-shift", "-1"]);
+        Assert.Equal(2, negativeShift.ExitCode);
+        Assert.Contains("--random-shift must be 0 or more", negativeShift.Stderr);
+        var twoAugmentations = CliRunner.Run([.. common, "--random-shift", "2", "--image-aug"]);
+        Assert.Equal(2, twoAugmentations.ExitCode);
+        Assert.Contains("pick one", twoAugmentations.Stderr);
+
+        var run = CliRunner.Run([.. common, "--aux-weight", "0.5", "--aux-keys", "observation.state", "--random-shift", "2"]);
         Assert.True(run.ExitCode == 0, run.Stderr);
         Assert.Matches(@"eval @ step 4: loss \d\.\d{4} .* aux \d+\.\d{4} \(", run.Stderr);
         var log = File.ReadAllLines(Path.Combine(tmp["run"], "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).ToList();
