@@ -10,6 +10,10 @@ the tensor names and shapes of our checkpoints, which `openvla eval --checkpoint
 Before training it proves that its forward pass is ours: pixel values and logits for two packed examples must match
 what our TorchSharp model computed for the same checkpoint (check.* in the pack).
 
+Two options widen the twin beyond the shipped recipe, for experiments: `--exclude-tasks` trains on a subset of the
+suite (the base of the LoRA transfer experiment), `--random-shift N` is `finetune --random-shift N` (pad N pixels by
+replicating the border, crop back at a random offset, per example).
+
 Usage:  python3 train_gpu.py PACK CONFIG_DIR CHECK_CHECKPOINT OUT [--seconds S] [--batch B] [--lr LR] [--aux-weight W]
 """
 import argparse
@@ -246,7 +250,7 @@ def load(directory, name, dtype):
 
 
 class Pack:
-    def __init__(self, path, device, aux_dims=0):
+    def __init__(self, path, device, aux_dims=0, exclude_tasks=()):
         self.meta = json.load(open(os.path.join(path, "meta.json")))
         m = self.meta
         n, s = m["count"], m["image_size"]
@@ -259,10 +263,19 @@ class Pack:
         if aux_dims:                                          # regress only the first aux_dims targets
             self.aux, self.aux_mean, self.aux_std = self.aux[:, :aux_dims], self.aux_mean[:aux_dims], self.aux_std[:aux_dims]
         self.targets = m["action_dim"] + 1
-        self.train = (self.split == 0).nonzero().squeeze(1)
-        self.held_out = (self.split == 1).nonzero().squeeze(1)
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        if exclude_tasks:                                     # task.u8 indexes meta["tasks"] (Program.cs)
+            names = m.get("tasks") or []
+            unknown = [t for t in exclude_tasks if t not in names]
+            if unknown:
+                raise SystemExit(f"--exclude-tasks: {', '.join(unknown)} not in this pack's tasks ({', '.join(names) or 'none recorded'})")
+            task = torch.from_numpy(load(path, "task.u8", np.uint8)).to(device)
+            for t in exclude_tasks:
+                keep &= task != names.index(t)
+        self.train = ((self.split == 0) & keep).nonzero().squeeze(1)
+        self.held_out = ((self.split == 1) & keep).nonzero().squeeze(1)
 
-    def batch(self, idx, pad_id, mean, std):
+    def batch(self, idx, pad_id, mean, std, shift=0, gen=None):
         ids = self.ids[idx]
         valid = ids >= 0
         width = int(valid.sum(1).max())                       # pad to the batch's longest row, as ActionObjective.Build
@@ -272,8 +285,21 @@ class Pack:
         labels = torch.where(valid & (pos >= lengths - self.targets), ids, torch.full_like(ids, IGNORE))
         ids = torch.where(valid, ids, torch.full_like(ids, pad_id))
         px = self.frames[idx].permute(0, 3, 1, 2).float() / 255.0
+        if shift:
+            px = random_shift(px, shift, gen)
         pixels = torch.cat([(px - mean[t].view(1, 3, 1, 1)) / std[t].view(1, 3, 1, 1) for t in range(2)], 1)
         return pixels, ids, valid, labels, (self.aux[idx] - self.aux_mean) / self.aux_std
+
+
+def random_shift(px, pad, gen):
+    """Pad every side by `pad` pixels (replicating the border), then crop the original size at a per-example offset
+    drawn uniformly from 0..2·pad: whole-pixel translations, as `finetune --random-shift` (RandomShift.cs)."""
+    b, c, h, w = px.shape
+    padded = F.pad(px, (pad, pad, pad, pad), mode="replicate")
+    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen).to(px.device)
+    rows = (off[:, 0:1] + torch.arange(h, device=px.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    cols = (off[:, 1:2] + torch.arange(w, device=px.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
 
 
 def normalization(preprocessor_config, device):
@@ -312,6 +338,8 @@ def main():
     ap.add_argument("--snapshots", default="0.25,0.5,1.0", help="fractions of the run at which to write model-P.safetensors")
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--eval-examples", type=int, default=2048, help="held-out examples scored per evaluation")
+    ap.add_argument("--exclude-tasks", default="", help="comma-separated suite tasks to leave out of training and evaluation")
+    ap.add_argument("--random-shift", type=int, default=0, help="augment: random translation by up to N pixels (0: none)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check-only", action="store_true")
@@ -328,7 +356,8 @@ def main():
 
     say(f"torch {torch.__version__} on {dev}" + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else ""))
     t0 = time.time()
-    pack = Pack(a.pack, dev, a.aux_dims)
+    excluded = [t for t in a.exclude_tasks.split(",") if t]
+    pack = Pack(a.pack, dev, a.aux_dims, excluded)
     say(f"pack: {pack.meta['count']} examples ({len(pack.train)} train, {len(pack.held_out)} held out) in {time.time() - t0:.1f} s")
 
     # 1. Our forward pass, or stop.
@@ -430,7 +459,7 @@ def main():
             lr = a.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - a.warmup) / max(1, total - a.warmup))))
         for g in opt.param_groups:
             g["lr"] = lr
-        px, i, v, lb, aux = pack.batch(idx, pad, mean, std)
+        px, i, v, lb, aux = pack.batch(idx, pad, mean, std, a.random_shift, gen)
         with amp():
             h, fl, patches = model.forward(px, i, v, lb)
             loss, acc = score(model, h, fl, fa, ve)
