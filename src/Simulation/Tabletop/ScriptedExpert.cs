@@ -2,9 +2,11 @@ namespace OpenVLA.Simulation.Tabletop;
 
 /// <summary>
 /// How a noisy expert deviates from the clean one: Gaussian noise on the translation (metres per step, the <c>--noise</c>
-/// σ), short pauses, and detours that push the hand off course so the expert has to recover.
+/// σ), short pauses, detours that push the hand off course so the expert has to recover, and (in pick-and-place tasks) a
+/// grasp closed too early, 1–4 cm above the cube, so the data shows what to do with closed fingers in the air: open and
+/// go on down.
 /// </summary>
-public sealed record ExpertNoise(double Sigma, double PauseProbability = 0.04, double DetourProbability = 0.3)
+public sealed record ExpertNoise(double Sigma, double PauseProbability = 0.04, double DetourProbability = 0.3, double EarlyCloseProbability = 0.3)
 {
     public static ExpertNoise? FromSigma(double sigma) => sigma > 0 ? new ExpertNoise(sigma) : null;
 }
@@ -13,6 +15,8 @@ public sealed record ExpertNoise(double Sigma, double PauseProbability = 0.04, d
 /// A scripted policy with privileged simulator state (object poses), one instance per episode. Pick-and-place tasks run
 /// approach → descend → close → lift → carry → lower → open → retreat, going back to approach when the cube slips out;
 /// the push task pushes from behind with closed fingers and re-approaches when the cube drifts off the line.
+/// Close and open end on what the fingers did, not after a fixed count of steps: a policy that sees one frame can tell
+/// closed-on-the-cube (lift) from still-closing (wait), but not the third waiting step from the fourth.
 /// </summary>
 public sealed class ScriptedExpert
 {
@@ -26,7 +30,8 @@ public sealed class ScriptedExpert
     private int _phaseSteps, _pauseLeft, _detourLeft;
     private Vec3 _detour;
     private Vec3? _sideDestination;
-    private int _detourAt = -1, _step;
+    private int _detourAt = -1, _step, _earlyCloseLeft, _reopenLeft;
+    private bool _earlyClosePending;
 
     public ScriptedExpert(EpisodeSpec episode, ExpertNoise? noise = null, int noiseSeed = 0)
     {
@@ -35,6 +40,7 @@ public sealed class ScriptedExpert
         _rng = new Random(noiseSeed);
         _phase = episode.TaskId == "push_to_target" ? Phase.PushApproach : Phase.Approach;
         if (noise is not null && _rng.NextDouble() < noise.DetourProbability) _detourAt = 2 + _rng.Next(10);
+        _earlyClosePending = noise is not null && episode.TaskId != "push_to_target" && _rng.NextDouble() < noise.EarlyCloseProbability;
     }
 
     public string PhaseName => _phase.ToString();
@@ -59,6 +65,15 @@ public sealed class ScriptedExpert
                 _detour = new Vec3(Math.Cos(angle) * 0.06, Math.Sin(angle) * 0.06, 0.02);
             }
             if (_detourLeft > 0) { _detourLeft--; goal = env.Tcp + _detour; }
+            // The early grasp: stop and close 1–4 cm above the cube's top, hold 2–4 steps, open again and wait 2 steps for
+            // the fingers to clear the cube before the clean expert's descent goes on.
+            if (_earlyClosePending && _phase == Phase.Descend)
+            {
+                double aboveTop = env.Tcp.Z - (env.CubePosition(_episode.Args.Cube).Z + Half);
+                if (aboveTop is > 0.01 and < 0.04) { _earlyClosePending = false; _earlyCloseLeft = 2 + _rng.Next(3); _reopenLeft = 2; }
+            }
+            if (_earlyCloseLeft > 0) { _earlyCloseLeft--; return [0, 0, 0, 0, 0, 0, 0]; }
+            if (_reopenLeft > 0) { _reopenLeft--; return [0, 0, 0, 0, 0, 0, 1]; }
             if (_pauseLeft > 0) { _pauseLeft--; return [0, 0, 0, 0, 0, 0, (float)env.GripperCommand]; }
             if (_rng.NextDouble() < _noise.PauseProbability) _pauseLeft = _rng.Next(1, 4);
         }
@@ -101,7 +116,13 @@ public sealed class ScriptedExpert
                 return (goal, 1);
             }
             case Phase.Close:
-                if (_phaseSteps >= 4) Enter(Phase.Lift);
+                // Lift as soon as the fingers rest on the cube (or have closed past it: the lift then finds no cube and
+                // re-approaches); 8 steps at most.
+                if (env.GripperWidth < 2 * Half + 0.005 || _phaseSteps >= 8)
+                {
+                    Enter(Phase.Lift);
+                    return (new Vec3(tcp.X, tcp.Y, CarryZ), 0);
+                }
                 return (tcp, 0);
             case Phase.Lift:
                 if (!holding) { Enter(Phase.Approach); return (tcp + new Vec3(0, 0, 0.05), 1); }
@@ -124,7 +145,12 @@ public sealed class ScriptedExpert
                 return (goal, 0);
             }
             case Phase.Open:
-                if (_phaseSteps >= 3) Enter(Phase.Retreat);
+                // Retreat once the fingers have let go (1.5 cm clear of the cube), 6 steps at most.
+                if (env.GripperWidth > 2 * Half + 0.015 || _phaseSteps >= 6)
+                {
+                    Enter(Phase.Retreat);
+                    return (new Vec3(tcp.X, tcp.Y, cube.Z + 0.09), 1);
+                }
                 return (tcp, 1);
             case Phase.Retreat:
             {

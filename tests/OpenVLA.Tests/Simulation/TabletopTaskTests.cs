@@ -51,6 +51,61 @@ public sealed class TabletopTaskTests
         Assert.True(noisy.Steps > reference.Steps, "pauses and the detour make the noisy demonstration longer");
     }
 
+    [Theory]
+    [InlineData("pick_up")]
+    [InlineData("move_side")]
+    public void An_early_grasp_in_the_air_is_labelled_open_and_descend_and_the_episode_still_succeeds(string taskId)
+    {
+        using var env = new TabletopEnv(imageSize: 32);
+        var episode = TabletopTasks.Get(taskId).Sample(TabletopTasks.EpisodeSeed(11, taskId, 0));
+        var expert = new ScriptedExpert(episode, new ExpertNoise(Sigma: 0, PauseProbability: 0, DetourProbability: 0, EarlyCloseProbability: 1), noiseSeed: 4);
+        var cube = episode.Args.Cube;
+        int early = 0, closedAfterLift = 0;
+        var result = Run(env, episode, () =>
+        {
+            var executed = expert.Act(env);
+            var label = expert.ExpertAction;
+            double aboveTop = env.Tcp.Z - (env.CubePosition(cube).Z + TabletopScene.CubeHalfSize);
+            if (executed[6] == 0 && label[6] == 1)
+            {
+                early++;
+                Assert.InRange(aboveTop, 0.0, 0.045);               // closed in the air above the cube…
+                Assert.Equal([0f, 0f, 0f], executed[..3]);          // …standing still…
+                Assert.True(label[2] < 0, "the clean label keeps descending with open fingers");
+            }
+            if (expert.PhaseName == "Lift" && label[6] == 0) closedAfterLift++;
+            return executed;
+        });
+        Assert.True(result.Success, $"{taskId} failed in phase {expert.PhaseName}");
+        Assert.InRange(early, 2, 4);
+        Assert.True(closedAfterLift > 0);
+    }
+
+    [Fact]
+    public void The_grasp_lifts_as_soon_as_the_fingers_rest_on_the_cube()
+    {
+        using var env = new TabletopEnv(imageSize: 32);
+        var episode = TabletopTasks.Get("pick_up").Sample(5);
+        var expert = new ScriptedExpert(episode);
+        int closeSteps = 0;
+        bool lifted = false;
+        Run(env, episode, () =>
+        {
+            var before = expert.PhaseName;
+            var a = expert.Act(env);
+            if (before == "Close" && expert.PhaseName == "Close") { closeSteps++; Assert.True(env.GripperWidth >= 2 * TabletopScene.CubeHalfSize + 0.005); }
+            if (before == "Close" && expert.PhaseName == "Lift")
+            {
+                lifted = true;
+                Assert.True(env.GripperWidth < 2 * TabletopScene.CubeHalfSize + 0.005, "lifts only on a closed grip");
+                Assert.True(a[2] > 0 && a[6] == 0, "the first closed frame is already labelled lift");
+            }
+            return a;
+        });
+        Assert.True(lifted);
+        Assert.InRange(closeSteps, 1, 7);
+    }
+
     [Fact]
     public void Expert_labels_are_the_clean_command_while_the_noisy_one_is_executed()
     {
@@ -59,7 +114,7 @@ public sealed class TabletopTaskTests
         var clean = new ScriptedExpert(episode);
         Assert.True(Run(env, episode, () => { var a = clean.Act(env); Assert.Equal(a, clean.ExpertAction); return a; }).Success);
 
-        var noisy = new ScriptedExpert(episode, new ExpertNoise(Sigma: 0.004, PauseProbability: 0, DetourProbability: 0), noiseSeed: 3);
+        var noisy = new ScriptedExpert(episode, new ExpertNoise(Sigma: 0.004, PauseProbability: 0, DetourProbability: 0, EarlyCloseProbability: 0), noiseSeed: 3);
         var noise = new List<double>();
         Run(env, episode, () =>
         {
