@@ -148,8 +148,9 @@ internal static class FineTuneVerbs
             };
             try { options.Validate(); }
             catch (ArgumentException e) { throw new UsageException(e.Message); }
-            if (r.GetValue(randomShift) < 0) throw new UsageException($"--random-shift must be 0 or more pixels, not {r.GetValue(randomShift)}");
-            if (r.GetValue(randomShift) > 0 && r.GetValue(imageAug)) throw new UsageException("--random-shift and --image-aug are alternatives: pick one");
+            int shift = r.GetValue(randomShift);
+            if (shift < 0) throw new UsageException($"--random-shift must be 0 or more pixels, not {shift}");
+            if (shift > 0 && r.GetValue(imageAug)) throw new UsageException("--random-shift and --image-aug are alternatives: pick one");
             var dtype = training.WeightType(r);
             int elementBytes = dtype == torch.ScalarType.Float32 ? 4 : 2;
 
@@ -197,7 +198,7 @@ internal static class FineTuneVerbs
             var streamOptions = new StreamOptions
             {
                 Seed = options.Seed, ShuffleBufferSize = r.GetValue(shuffle), ImageSize = imageSize,
-                Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : r.GetValue(randomShift) > 0 ? new RandomShift(r.GetValue(randomShift)) : null,
+                Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : shift > 0 ? new RandomShift(shift) : null,
             };
             var source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
             var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed);

@@ -23,6 +23,8 @@ public sealed class ScriptedExpert
     private enum Phase { Approach, Descend, Close, Lift, Carry, Lower, Open, Retreat, Done, PushApproach, PushLower, Push }
 
     private const double Step = 0.02, CarryZ = 0.16, Half = TabletopScene.CubeHalfSize;
+    /// <summary>Finger opening below which the fingers rest on a cube (its width plus 5 mm): the grasp is closed.</summary>
+    public const double GrippedWidth = 2 * Half + 0.005;
     private readonly EpisodeSpec _episode;
     private readonly ExpertNoise? _noise;
     private readonly Random _rng;
@@ -98,7 +100,7 @@ public sealed class ScriptedExpert
         var args = _episode.Args;
         var cube = env.CubePosition(args.Cube);
         var tcp = env.Tcp;
-        bool holding = tcp.HorizontalDistance(cube) < 0.025 && Math.Abs(tcp.Z - cube.Z) < 0.03 && env.GripperWidth < 2 * Half + 0.005;
+        bool holding = tcp.HorizontalDistance(cube) < 0.025 && Math.Abs(tcp.Z - cube.Z) < 0.03 && env.GripperWidth < GrippedWidth;
         _phaseSteps++;
         switch (_phase)
         {
@@ -118,7 +120,7 @@ public sealed class ScriptedExpert
             case Phase.Close:
                 // Lift as soon as the fingers rest on the cube (or have closed past it: the lift then finds no cube and
                 // re-approaches); 8 steps at most.
-                if (env.GripperWidth < 2 * Half + 0.005 || _phaseSteps >= 8)
+                if (env.GripperWidth < GrippedWidth || _phaseSteps >= 8)
                 {
                     Enter(Phase.Lift);
                     return (new Vec3(tcp.X, tcp.Y, CarryZ), 0);

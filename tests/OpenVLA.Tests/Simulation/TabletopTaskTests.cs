@@ -93,11 +93,11 @@ public sealed class TabletopTaskTests
         {
             var before = expert.PhaseName;
             var a = expert.Act(env);
-            if (before == "Close" && expert.PhaseName == "Close") { closeSteps++; Assert.True(env.GripperWidth >= 2 * TabletopScene.CubeHalfSize + 0.005); }
+            if (before == "Close" && expert.PhaseName == "Close") { closeSteps++; Assert.True(env.GripperWidth >= ScriptedExpert.GrippedWidth); }
             if (before == "Close" && expert.PhaseName == "Lift")
             {
                 lifted = true;
-                Assert.True(env.GripperWidth < 2 * TabletopScene.CubeHalfSize + 0.005, "lifts only on a closed grip");
+                Assert.True(env.GripperWidth < ScriptedExpert.GrippedWidth, "lifts only on a closed grip");
                 Assert.True(a[2] > 0 && a[6] == 0, "the first closed frame is already labelled lift");
             }
             return a;
