@@ -121,9 +121,12 @@ internal static class SimulationVerbs
         var dtype = new Option<string?>("--dtype") { Description = "checkpoint:DIR policies: compute precision (f32 or bf16)." };
         var unnormKey = new Option<string?>("--unnorm-key") { Description = "checkpoint/grpc policies: dataset statistics to un-normalize with." };
         var adapter = new Option<string?>("--adapter") { Description = "checkpoint:DIR policies: PEFT LoRA adapter directory (from finetune) merged in at load." };
+        var diagnose = Opt("--diagnose", "Run the clean scripted expert beside a learned policy (on state the policy never sees) and report where failed " +
+            "episodes stopped and, per expert phase, how far the policy's commands were from the expert's.", false);
         var command = new Command("eval", "Evaluate a policy in closed loop on the tabletop suite (success rates with 95% Wilson intervals).")
         {
             suite, tasks, policy, trials, seed, workers, imageSize, settle, videoDir, videos, outDir, json, quantize, dtype, unnormKey, adapter,
+            diagnose,
         };
         command.SetAction(parse =>
         {
@@ -148,11 +151,13 @@ internal static class SimulationVerbs
             RolloutPolicies.Spec spec;
             try { spec = RolloutPolicies.Parse(policyText); RolloutPolicies.EnsureAvailable(spec); }
             catch (Exception e) when (e is ArgumentException or PolicyUnavailableException or DirectoryNotFoundException) { throw new UsageException(e.Message); }
+            Check(!parse.GetValue(diagnose) || spec is not RolloutPolicies.Scripted, "--diagnose compares a learned policy with the scripted expert; the policy is the expert");
             Check(parse.GetValue(adapter) is null || spec is RolloutPolicies.Checkpoint,
                 "--adapter applies to checkpoint:DIR policies (a policy server takes its own --adapter)");
             int size = parse.GetValue(imageSize) ?? PolicyInputSize(spec);
             Check(size is >= 16 and <= 1024, $"--image-size must be 16..1024, got {size}");
-            var options = new EvalOptions(selected, policyText, n, parse.GetValue(seed), w, size, settleSteps, parse.GetValue(videoDir), parse.GetValue(videos));
+            var options = new EvalOptions(selected, policyText, n, parse.GetValue(seed), w, size, settleSteps, parse.GetValue(videoDir), parse.GetValue(videos),
+                parse.GetValue(diagnose));
             var report = Evaluator.Run(options, w > 1 ? WorkerCommand("eval") : null, new ProgressBar("eval", selected.Count * n, "episodes"));
             var files = report.WriteFiles(parse.GetValue(outDir)!);
             Console.WriteLine(parse.GetValue(json) ? report.ToJson() : report.ToMarkdown());

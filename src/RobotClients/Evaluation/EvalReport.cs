@@ -21,13 +21,66 @@ public sealed record Rate(int Successes, int Trials, double Value, double Low, d
 
 public sealed record TaskResult(string Task, Rate Success, double MeanSteps, double? MeanStepsSuccessful, int MaxSteps); // null: no success to average
 
+/// <summary>One (task, expert phase) of <c>eval --diagnose</c>: how often the policy was there and how closely it followed.</summary>
+public sealed record PhaseAgreement(string Task, string Phase, int Steps, double MeanTranslationErrorCm, double GripperAgreement);
+
+/// <summary>How many failed episodes of a task got furthest to this expert phase.</summary>
+public sealed record FailureStage(string Task, string FurthestPhase, int Episodes);
+
+/// <summary>
+/// The <c>--diagnose</c> summary: where failed episodes stopped making progress, and per phase how far the policy's
+/// commands were from the clean expert's label of the same state (see <see cref="ExpertShadow"/>).
+/// </summary>
+public sealed record ExpertDiagnosis(IReadOnlyList<FailureStage> FailureStages, IReadOnlyList<PhaseAgreement> Phases)
+{
+    public static ExpertDiagnosis? From(IReadOnlyList<string> taskOrder, IReadOnlyList<EvalEpisode> episodes)
+    {
+        if (!episodes.Any(e => e.Shadow is not null)) return null;
+        var stages = new List<FailureStage>();
+        var phases = new List<PhaseAgreement>();
+        foreach (var task in taskOrder)
+        {
+            var mine = episodes.Where(e => e.TaskId == task && e.Shadow is not null).ToList();
+            stages.AddRange(mine.Where(e => !e.Success).GroupBy(e => e.Shadow!.FurthestPhase)
+                .Select(g => new FailureStage(task, g.Key, g.Count())).OrderByDescending(f => f.Episodes).ThenBy(f => f.FurthestPhase, StringComparer.Ordinal));
+            var steps = mine.SelectMany(e => e.Shadow!.Phases.Select((p, i) => (Phase: p, Error: e.Shadow.TranslationErrorCm[i], Agrees: e.Shadow.GripperAgrees[i])));
+            phases.AddRange(steps.GroupBy(x => x.Phase) // first-seen order follows the task's script
+                .Select(g => new PhaseAgreement(task, g.Key, g.Count(), g.Average(x => x.Error), g.Count(x => x.Agrees) / (double)g.Count())));
+        }
+        return new ExpertDiagnosis(stages, phases);
+    }
+
+    public void AppendMarkdown(System.Text.StringBuilder s)
+    {
+        var ci = CultureInfo.InvariantCulture;
+        s.AppendLine();
+        s.AppendLine("## Against the scripted expert (`--diagnose`)");
+        s.AppendLine();
+        s.AppendLine("The clean expert ran beside the policy on the simulator state the policy never sees. Failed episodes by the furthest " +
+                     "expert phase they reached:");
+        s.AppendLine();
+        s.AppendLine("| task | failed | furthest phase reached |");
+        s.AppendLine("|---|---|---|");
+        foreach (var g in FailureStages.GroupBy(f => f.Task))
+            s.AppendLine($"| {g.Key} | {g.Sum(f => f.Episodes)} | {string.Join(" · ", g.Select(f => $"{f.FurthestPhase} {f.Episodes}"))} |");
+        s.AppendLine();
+        s.AppendLine("Every step (successes too), by the expert's phase: distance between the policy's and the expert's translation command, " +
+                     "and how often they agreed on the gripper.");
+        s.AppendLine();
+        s.AppendLine("| task | phase | steps | translation error (cm, mean) | gripper agrees |");
+        s.AppendLine("|---|---|---|---|---|");
+        foreach (var p in Phases)
+            s.AppendLine(ci, $"| {p.Task} | {p.Phase} | {p.Steps} | {p.MeanTranslationErrorCm:F2} | {100 * p.GripperAgreement:F1}% |");
+    }
+}
+
 public sealed record Latency(double MeanMs, double P50Ms, double P90Ms, double P99Ms, double MaxMs, long Steps);
 
 /// <summary>Everything an evaluation measured; written as results.json, summary.md and success.png.</summary>
 public sealed record EvalReport(
     string Suite, string Policy, int Seed, int TrialsPerTask, int ImageSize, int SettleSteps, int Workers, DateTime FinishedUtc,
     double WallSeconds, Rate Overall, IReadOnlyList<TaskResult> Tasks, Latency PolicyLatency, IReadOnlyList<WorkerCrash> WorkerCrashes,
-    IReadOnlyList<EvalEpisode> Episodes)
+    IReadOnlyList<EvalEpisode> Episodes, ExpertDiagnosis? Diagnosis = null)
 {
     private static readonly JsonSerializerOptions Json = new()
     {
@@ -48,7 +101,7 @@ public sealed record EvalReport(
             Rate.Wilson(episodes.Count(e => e.Success), episodes.Count), tasks,
             new Latency(latencies.Length == 0 ? 0 : latencies.Average(), Percentile(latencies, 0.5), Percentile(latencies, 0.9),
                 Percentile(latencies, 0.99), latencies.Length == 0 ? 0 : latencies[^1], latencies.Length),
-            crashes, episodes);
+            crashes, episodes, ExpertDiagnosis.From(o.Tasks.Select(t => t.Id).ToList(), episodes));
     }
 
     /// <summary>Linear-interpolated percentile of sorted values (numpy's default).</summary>
@@ -87,6 +140,7 @@ public sealed record EvalReport(
             s.AppendLine($"**{WorkerCrashes.Count} worker crash(es)**; the affected episodes were retried on fresh workers:");
             foreach (var c in WorkerCrashes) s.AppendLine($"- worker {c.Worker}, exit code {c.ExitCode?.ToString(CultureInfo.InvariantCulture) ?? "?"}: {c.StderrTail}");
         }
+        if (Diagnosis is not null) Diagnosis.AppendMarkdown(s);
         var videos = Episodes.Where(e => e.Video is not null).ToList();
         if (videos.Count > 0)
         {

@@ -9,13 +9,14 @@ namespace OpenVLA.RobotClients.Evaluation;
 /// <summary>Options of <c>openvla eval</c>.</summary>
 public sealed record EvalOptions(
     IReadOnlyList<TabletopTask> Tasks, string Policy, int TrialsPerTask, int Seed = 7, int Workers = 1, int ImageSize = 224,
-    int SettleSteps = 10, string? VideoDir = null, int VideosPerTask = 1);
+    int SettleSteps = 10, string? VideoDir = null, int VideosPerTask = 1, bool Diagnose = false);
 
 /// <summary>One rollout to run. The seed fixes the initial state, so every policy sees the same episode for (task, trial).</summary>
-public sealed record EvalJob(string TaskId, int Trial, int Seed, string Policy, int ImageSize, int SettleSteps, string? VideoPath);
+public sealed record EvalJob(string TaskId, int Trial, int Seed, string Policy, int ImageSize, int SettleSteps, string? VideoPath, bool Diagnose = false);
 
-/// <summary>The outcome of one rollout.</summary>
-public sealed record EvalEpisode(string TaskId, int Trial, int Seed, string Instruction, bool Success, int Steps, double[] LatenciesMs, string? Video);
+/// <summary>The outcome of one rollout; <see cref="Shadow"/> only with <c>--diagnose</c> and a learned policy.</summary>
+public sealed record EvalEpisode(string TaskId, int Trial, int Seed, string Instruction, bool Success, int Steps, double[] LatenciesMs, string? Video,
+    ShadowTrace? Shadow = null);
 
 /// <summary>
 /// Closed-loop evaluation on the tabletop suite, following OpenVLA's LIBERO protocol (openvla-model.md §6): fixed initial
@@ -30,7 +31,8 @@ public static class Evaluator
         if (o.VideoDir is not null) Directory.CreateDirectory(o.VideoDir);
         var jobs = o.Tasks.SelectMany(t => Enumerable.Range(0, o.TrialsPerTask).Select(trial => new EvalJob(
                 t.Id, trial, TabletopTasks.EpisodeSeed(o.Seed, t.Id, trial), spec.Text, o.ImageSize, o.SettleSteps,
-                o.VideoDir is not null && trial < o.VideosPerTask ? Path.GetFullPath(Path.Combine(o.VideoDir, $"{t.Id}_trial{trial:000}.mp4")) : null)))
+                o.VideoDir is not null && trial < o.VideosPerTask ? Path.GetFullPath(Path.Combine(o.VideoDir, $"{t.Id}_trial{trial:000}.mp4")) : null,
+                o.Diagnose)))
             .ToList();
         var results = new EvalEpisode[jobs.Count];
         var crashes = new List<WorkerCrash>();
@@ -65,6 +67,7 @@ public static class Evaluator
         var start = TabletopScene.CubeColours.ToDictionary(c => c, env.CubePosition);
         policy.BeginEpisode(episode);
         var privileged = policy is ScriptedRolloutPolicy ? new PrivilegedState(env, episode) : null;
+        var shadow = job.Diagnose && privileged is null ? new ExpertShadow(episode) : null;
         var latencies = new List<double>();
         var frames = job.VideoPath is null ? null : new List<byte[]>();
         bool success = false;
@@ -78,6 +81,7 @@ public static class Evaluator
             long t0 = Stopwatch.GetTimestamp();
             var action = policy.Act(observation);
             latencies.Add(Stopwatch.GetElapsedTime(t0).TotalMilliseconds);
+            shadow?.Observe(env, action);
             env.Step(action);
             steps++;
             success = task.IsSuccess(env, episode.Args, start);
@@ -89,7 +93,7 @@ public static class Evaluator
             video = RolloutVideo.Write(job.VideoPath!, frames, env.ImageSize, TabletopEnv.ControlHz);
             RolloutVideo.WriteFilmstrip(Path.ChangeExtension(job.VideoPath!, ".png"), frames, env.ImageSize);
         }
-        return new EvalEpisode(job.TaskId, job.Trial, job.Seed, episode.Instruction, success, steps, latencies.ToArray(), video);
+        return new EvalEpisode(job.TaskId, job.Trial, job.Seed, episode.Instruction, success, steps, latencies.ToArray(), video, shadow?.Trace());
     }
 
     /// <summary>The worker side: one environment and one policy per worker process, reused across its jobs.</summary>

@@ -48,6 +48,18 @@ public sealed class ScriptedExpert
     public string PhaseName => _phase.ToString();
 
     /// <summary>
+    /// How far along the task the current phase is, 0 (approach) to 8 (done), on one scale for both scripts: the push's
+    /// approach, lower and push rank with pick-and-place's approach, descend and close, and both end in retreat (7) and done.
+    /// </summary>
+    public int Progress => _phase switch
+    {
+        Phase.PushApproach => 0,
+        Phase.PushLower => 1,
+        Phase.Push => 2,
+        var p => (int)p,
+    };
+
+    /// <summary>
     /// What the clean expert would have commanded at the last <see cref="Act"/> (before noise, pause or detour): the
     /// label of DART-style demonstrations, which execute the noisy action but teach the clean one.
     /// </summary>

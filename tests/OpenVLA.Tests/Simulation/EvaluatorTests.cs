@@ -86,6 +86,85 @@ public sealed class EvaluatorTests : IDisposable
         Assert.Single(policy.Seen[0].Images);
     }
 
+    /// <summary>The scripted expert dressed as a learned policy: it reaches the simulator through the test, not the observation.</summary>
+    private sealed class ReplayedExpert(TabletopEnv env) : IRolloutPolicy
+    {
+        private ScriptedExpert? _expert;
+        public string Name => "replayed-expert";
+        public bool WantsWristImage => false;
+        public void BeginEpisode(EpisodeSpec episode) => _expert = new ScriptedExpert(episode);
+        public float[] Act(RolloutObservation observation)
+        {
+            Assert.Null(observation.Privileged);
+            return _expert!.Act(env);
+        }
+        public void Dispose() { }
+    }
+
+    [Fact]
+    public void Diagnose_shadows_a_policy_that_does_what_the_expert_does_with_zero_error()
+    {
+        using var env = new TabletopEnv(32);
+        using var rollout = new ReplayedExpert(env);
+        var job = new EvalJob("place_on_plate", 0, TabletopTasks.EpisodeSeed(7, "place_on_plate", 0), "replayed-expert", 32, 10, null, Diagnose: true);
+        var result = Evaluator.RunEpisode(job, env, rollout);
+        Assert.True(result.Success);
+        var trace = result.Shadow!;
+        Assert.Equal(result.Steps, trace.Phases.Length);
+        Assert.All(trace.TranslationErrorCm, e => Assert.Equal(0f, e));
+        Assert.Equal(trace.ExpertActions, trace.PolicyActions);
+        Assert.All(trace.GripperAgrees, Assert.True);
+        // The shadow walks the same script: approach first, the grasp in the middle, the release at the end.
+        Assert.Equal("Approach", trace.Phases[0]);
+        Assert.True(Array.IndexOf(trace.Phases, "Close") < Array.IndexOf(trace.Phases, "Carry"));
+        Assert.Contains("Open", trace.Phases);
+        Assert.Null(Evaluator.RunEpisode(job with { Diagnose = false }, env, rollout).Shadow);
+    }
+
+    [Fact]
+    public void Diagnose_reports_where_a_failed_episode_stopped_and_how_far_the_policy_was_from_the_expert()
+    {
+        var policy = new ConstantPolicy([0, 0, 0, 0, 0, 0, 0]); // stays put with the gripper closed
+        using var rollout = new ActionPolicyRolloutPolicy(policy, "constant");
+        using var env = new TabletopEnv(32);
+        var job = new EvalJob("pick_up", 0, TabletopTasks.EpisodeSeed(7, "pick_up", 0), "constant", 32, 10, null, Diagnose: true);
+        var episode = Evaluator.RunEpisode(job, env, rollout);
+        var trace = episode.Shadow!;
+        Assert.False(episode.Success);
+        Assert.All(trace.Phases, p => Assert.Equal("Approach", p));
+        Assert.Equal("Approach", trace.FurthestPhase);
+        Assert.All(trace.GripperAgrees, Assert.False); // the expert approaches with open fingers
+
+        // The hand never moves, so the expert asks for the same step every time: its length is the whole error, at most
+        // 2 cm per axis. Check it against the expert's own first command in the same initial state.
+        var spec = TabletopTasks.Get("pick_up").Sample(job.Seed);
+        env.Reset(spec.Layout, 10);
+        var first = new ScriptedExpert(spec).Act(env);
+        var offset = env.Tcp - env.CubePosition(spec.Args.Cube);
+        Assert.All(trace.HandToCubeCm, v =>
+        {
+            Assert.Equal(100 * offset.X, v[0], 3);
+            Assert.Equal(100 * offset.Y, v[1], 3);
+            Assert.Equal(100 * offset.Z, v[2], 3);
+        });
+        Assert.All(trace.ExpertActions, a => Assert.Equal(first, a));
+        Assert.All(trace.PolicyActions, a => Assert.Equal(new float[7], a));
+        float expected = 100 * MathF.Sqrt(first[0] * first[0] + first[1] * first[1] + first[2] * first[2]);
+        Assert.InRange(expected, 0.5f, 3.5f);
+        Assert.All(trace.TranslationErrorCm, e => Assert.Equal(expected, e, 3));
+
+        var options = new EvalOptions(TabletopTasks.Parse("pick_up"), "constant", TrialsPerTask: 1, ImageSize: 32, Diagnose: true);
+        var report = EvalReport.From(options, "constant", [episode], [], 1);
+        Assert.Equal([new FailureStage("pick_up", "Approach", 1)], report.Diagnosis!.FailureStages);
+        var phase = Assert.Single(report.Diagnosis.Phases);
+        Assert.Equal(("pick_up", "Approach", episode.Steps, 0.0), (phase.Task, phase.Phase, phase.Steps, phase.GripperAgreement));
+        Assert.Equal(expected, phase.MeanTranslationErrorCm, 3);
+        var markdown = report.ToMarkdown();
+        Assert.Contains("| pick_up | 1 | Approach 1 |", markdown);
+        Assert.Contains($"| pick_up | Approach | {episode.Steps} | {expected:F2} | 0.0% |", markdown);
+        Assert.Null(EvalReport.From(options with { Diagnose = false }, "constant", [episode with { Shadow = null }], [], 1).Diagnosis);
+    }
+
     [Fact]
     public void A_two_camera_policy_also_gets_the_wrist_view()
     {
