@@ -344,6 +344,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (tests); 0: the time budget decides")
+    ap.add_argument("--init", default="", help="start from this checkpoint directory's weights instead of our random init (fine-tuning)")
+    ap.add_argument("--stop-after", type=int, default=0, help="end the run after this many steps without shortening the schedule")
     a = ap.parse_args()
     dev = torch.device(a.device)
     os.makedirs(a.out, exist_ok=True)
@@ -388,9 +390,17 @@ def main():
     mean, std = normalization(json.load(open(os.path.join(a.config_dir, "preprocessor_config.json"))), dev)
     gen = torch.Generator().manual_seed(a.seed)
     params = {}
+    init = read_safetensors(os.path.join(a.init, "model.safetensors")) if a.init else None
     for name, shape in tensor_shapes(cfg).items():
         mu, sd = init_std(name, shape)
-        params[name] = (torch.randn(shape, generator=gen) * sd + mu).to(dev).requires_grad_(True)
+        drawn = torch.randn(shape, generator=gen) * sd + mu  # drawn either way, so the generator's later draws do not depend on --init
+        if init is not None:
+            if tuple(init[name].shape) != tuple(shape):
+                raise SystemExit(f"--init: {name} has shape {tuple(init[name].shape)}, the config says {tuple(shape)}")
+            drawn = init[name].float()
+        params[name] = drawn.to(dev).requires_grad_(True)
+    if init is not None:
+        say(f"initialized from {a.init}")
     model = Vla(cfg, params)
     n_patches = (cfg["image_sizes"][0] // cfg["vision_backbone_configs"][0]["patch_size"]) ** 2
     hid = cfg["text_config"]["hidden_size"]
@@ -483,6 +493,9 @@ def main():
             save(f"{int(round(snapshots[next_snapshot] * 100)):03d}")
             next_snapshot += 1
         if max_steps and step >= max_steps:
+            break
+        if a.stop_after and step >= a.stop_after:
+            save(f"step{step}")
             break
     if step % a.eval_every:
         evaluate(step)

@@ -116,6 +116,11 @@ public sealed class ScriptedExpert
         _phaseSteps++;
         switch (_phase)
         {
+            case Phase.Approach or Phase.Descend when holding:
+                // The expert itself never holds the cube before it closes; a policy it shadows (eval --diagnose) can, by
+                // another path, and the shadow should then say what comes next (lift), not re-approach a held cube.
+                Enter(Phase.Lift);
+                return (new Vec3(tcp.X, tcp.Y, CarryZ), 0);
             case Phase.Approach:
             {
                 var goal = cube + new Vec3(0, 0, 0.10);

@@ -107,6 +107,30 @@ public sealed class TabletopTaskTests
     }
 
     [Fact]
+    public void An_expert_that_meets_a_held_cube_says_lift_not_approach()
+    {
+        // eval --diagnose starts its shadow with the episode, but a policy can reach a grasp the shadow never saw coming.
+        using var env = new TabletopEnv(imageSize: 32);
+        var episode = TabletopTasks.Get("place_on_plate").Sample(5);
+        var driver = new ScriptedExpert(episode);
+        ScriptedExpert? late = null;
+        float[]? lateLabel = null;
+        Run(env, episode, () =>
+        {
+            var a = driver.Act(env);
+            if (late is null && driver.PhaseName == "Lift" && env.GripperWidth < ScriptedExpert.GrippedWidth)
+            {
+                late = new ScriptedExpert(episode);
+                lateLabel = late.Act(env);
+            }
+            return a;
+        });
+        Assert.NotNull(late);
+        Assert.Equal("Lift", late!.PhaseName);
+        Assert.True(lateLabel![2] > 0 && lateLabel[6] == 0, "a held cube is lifted with closed fingers");
+    }
+
+    [Fact]
     public void Expert_labels_are_the_clean_command_while_the_noisy_one_is_executed()
     {
         using var env = new TabletopEnv(imageSize: 32);
