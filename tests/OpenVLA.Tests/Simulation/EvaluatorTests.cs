@@ -114,6 +114,10 @@ public sealed class EvaluatorTests : IDisposable
         Assert.All(trace.TranslationErrorCm, e => Assert.Equal(0f, e));
         Assert.Equal(trace.ExpertActions, trace.PolicyActions);
         Assert.All(trace.GripperAgrees, Assert.True);
+        var replayed = EvalReport.From(new EvalOptions(TabletopTasks.Parse("place_on_plate"), "replayed-expert", 1, ImageSize: 32, Diagnose: true),
+            "replayed-expert", [result], [], 1).Diagnosis!;
+        Assert.Empty(replayed.FailureStages);
+        Assert.All(replayed.Phases, p => Assert.Equal((0.0, 1.0, 0.0), (p.MeanTranslationErrorCm, p.GripperAgreement, p.Stalled)));
         // The shadow walks the same script: approach first, the grasp in the middle, the release at the end.
         Assert.Equal("Approach", trace.Phases[0]);
         Assert.True(Array.IndexOf(trace.Phases, "Close") < Array.IndexOf(trace.Phases, "Carry"));
@@ -159,9 +163,10 @@ public sealed class EvaluatorTests : IDisposable
         var phase = Assert.Single(report.Diagnosis.Phases);
         Assert.Equal(("pick_up", "Approach", episode.Steps, 0.0), (phase.Task, phase.Phase, phase.Steps, phase.GripperAgreement));
         Assert.Equal(expected, phase.MeanTranslationErrorCm, 3);
+        Assert.Equal(1.0, phase.Stalled); // it never moves, and the expert asks for at least 5 mm every step
         var markdown = report.ToMarkdown();
         Assert.Contains("| pick_up | 1 | Approach 1 |", markdown);
-        Assert.Contains($"| pick_up | Approach | {episode.Steps} | {expected:F2} | 0.0% |", markdown);
+        Assert.Contains($"| pick_up | Approach | {episode.Steps} | {expected:F2} | 0.0% | 100.0% |", markdown);
         Assert.Null(EvalReport.From(options with { Diagnose = false }, "constant", [episode with { Shadow = null }], [], 1).Diagnosis);
     }
 
