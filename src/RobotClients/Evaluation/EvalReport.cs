@@ -22,9 +22,8 @@ public sealed record Rate(int Successes, int Trials, double Value, double Low, d
 public sealed record TaskResult(string Task, Rate Success, double MeanSteps, double? MeanStepsSuccessful, int MaxSteps); // null: no success to average
 
 /// <summary>
-/// One (task, expert phase) of <c>eval --diagnose</c>: how often the policy was there and how closely it followed.
-/// <see cref="Stalled"/> is the share of those steps in which the policy stood still (under 3 mm on every axis) while the
-/// expert asked for at least 5 mm: a one-frame policy that stands still sees the same frame again, so stalls last.
+/// One (task, expert phase) of <c>eval --diagnose</c>: how often the policy was there and how closely it followed
+/// (<see cref="ShadowTrace"/>'s per-step measures, averaged).
 /// </summary>
 public sealed record PhaseAgreement(string Task, string Phase, int Steps, double MeanTranslationErrorCm, double GripperAgreement, double Stalled);
 
@@ -47,18 +46,14 @@ public sealed record ExpertDiagnosis(IReadOnlyList<FailureStage> FailureStages, 
             var mine = episodes.Where(e => e.TaskId == task && e.Shadow is not null).ToList();
             stages.AddRange(mine.Where(e => !e.Success).GroupBy(e => e.Shadow!.FurthestPhase)
                 .Select(g => new FailureStage(task, g.Key, g.Count())).OrderByDescending(f => f.Episodes).ThenBy(f => f.FurthestPhase, StringComparer.Ordinal));
-            var steps = mine.SelectMany(e => e.Shadow!.Phases.Select((p, i) => (Phase: p, Error: e.Shadow.TranslationErrorCm[i], Agrees: e.Shadow.GripperAgrees[i],
-                Stalled: IsStall(e.Shadow.PolicyActions[i], e.Shadow.ExpertActions[i]))));
+            var steps = mine.Select(e => e.Shadow!).SelectMany(t => t.Phases.Select((p, i) =>
+                (Phase: p, Error: t.TranslationErrorCm(i), Agrees: t.GripperAgrees(i), Stalled: t.Stalled(i))));
             phases.AddRange(steps.GroupBy(x => x.Phase) // first-seen order follows the task's script
                 .Select(g => new PhaseAgreement(task, g.Key, g.Count(), g.Average(x => x.Error), g.Count(x => x.Agrees) / (double)g.Count(),
                     g.Count(x => x.Stalled) / (double)g.Count())));
         }
         return new ExpertDiagnosis(stages, phases);
     }
-
-    static bool IsStall(float[] policy, float[] expert) =>
-        Math.Max(Math.Abs(policy[0]), Math.Max(Math.Abs(policy[1]), Math.Abs(policy[2]))) < 0.003f
-        && Math.Sqrt(expert[0] * expert[0] + expert[1] * expert[1] + expert[2] * expert[2]) >= 0.005;
 
     public void AppendMarkdown(System.Text.StringBuilder s)
     {

@@ -84,6 +84,15 @@ public sealed class CliTests
     }
 
     [Fact]
+    public async Task Eval_refuses_to_diagnose_the_scripted_expert_with_one_line()
+    {
+        var result = await RunAsync("eval", "--policy", "scripted", "--diagnose", "--tasks", "pick_up", "--trials-per-task", "1");
+        Assert.Equal(2, result.Code);
+        Assert.Contains("--diagnose compares a learned policy with the scripted expert", result.Output);
+        Assert.Single(result.Output.Trim().Split('\n'));
+    }
+
+    [Fact]
     public async Task Eval_against_an_unreachable_policy_server_fails_with_one_line()
     {
         var result = await RunAsync("eval", "--policy", "grpc://127.0.0.1:1", "--tasks", "pick_up", "--trials-per-task", "1",

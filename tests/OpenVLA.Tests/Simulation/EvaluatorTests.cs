@@ -111,9 +111,11 @@ public sealed class EvaluatorTests : IDisposable
         Assert.True(result.Success);
         var trace = result.Shadow!;
         Assert.Equal(result.Steps, trace.Phases.Length);
-        Assert.All(trace.TranslationErrorCm, e => Assert.Equal(0f, e));
+        var steps = Enumerable.Range(0, trace.Phases.Length).ToList();
+        Assert.All(steps, i => Assert.Equal(0.0, trace.TranslationErrorCm(i)));
         Assert.Equal(trace.ExpertActions, trace.PolicyActions);
-        Assert.All(trace.GripperAgrees, Assert.True);
+        Assert.All(steps, i => Assert.True(trace.GripperAgrees(i)));
+        Assert.All(steps, i => Assert.False(trace.Stalled(i)));
         var replayed = EvalReport.From(new EvalOptions(TabletopTasks.Parse("place_on_plate"), "replayed-expert", 1, ImageSize: 32, Diagnose: true),
             "replayed-expert", [result], [], 1).Diagnosis!;
         Assert.Empty(replayed.FailureStages);
@@ -137,7 +139,9 @@ public sealed class EvaluatorTests : IDisposable
         Assert.False(episode.Success);
         Assert.All(trace.Phases, p => Assert.Equal("Approach", p));
         Assert.Equal("Approach", trace.FurthestPhase);
-        Assert.All(trace.GripperAgrees, Assert.False); // the expert approaches with open fingers
+        var steps = Enumerable.Range(0, trace.Phases.Length).ToList();
+        Assert.All(steps, i => Assert.False(trace.GripperAgrees(i))); // the expert approaches with open fingers
+        Assert.All(steps, i => Assert.True(trace.Stalled(i)));
 
         // The hand never moves, so the expert asks for the same step every time: its length is the whole error, at most
         // 2 cm per axis. Check it against the expert's own first command in the same initial state.
@@ -155,7 +159,7 @@ public sealed class EvaluatorTests : IDisposable
         Assert.All(trace.PolicyActions, a => Assert.Equal(new float[7], a));
         float expected = 100 * MathF.Sqrt(first[0] * first[0] + first[1] * first[1] + first[2] * first[2]);
         Assert.InRange(expected, 0.5f, 3.5f);
-        Assert.All(trace.TranslationErrorCm, e => Assert.Equal(expected, e, 3));
+        Assert.All(steps, i => Assert.Equal(expected, trace.TranslationErrorCm(i), 3));
 
         var options = new EvalOptions(TabletopTasks.Parse("pick_up"), "constant", TrialsPerTask: 1, ImageSize: 32, Diagnose: true);
         var report = EvalReport.From(options, "constant", [episode], [], 1);
