@@ -13,10 +13,14 @@ internal sealed class ModelOptions
     public Option<string> Device { get; } = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
     public Option<int?> Threads { get; } = new("--threads") { Description = "CPU threads (default: one per core)" };
     public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT LoRA adapter directory (from finetune) merged into the checkpoint at load" };
+    public Option<string?> Decode { get; } = new("--decode")
+    {
+        Description = $"action decoding: {ActionDecoding.Syntax} (default: the checkpoint's generation_config.json; greedy when it states no sampling)",
+    };
 
     public void AddTo(Command command)
     {
-        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Device, Threads, Adapter }) command.Options.Add(o);
+        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Device, Threads, Adapter, Decode }) command.Options.Add(o);
     }
 
     public PolicyOptions Read(ParseResult r, bool centerCrop = false)
@@ -25,11 +29,12 @@ internal sealed class ModelOptions
         {
             DType = r.GetValue(DType), Quantize = r.GetValue(Quantize)!, GroupSize = r.GetValue(GroupSize),
             QuantizeVision = !r.GetValue(KeepVisionFloat), Device = r.GetValue(Device)!, Threads = r.GetValue(Threads), CenterCrop = centerCrop,
-            Adapter = r.GetValue(Adapter),
+            Adapter = r.GetValue(Adapter), Decoding = r.GetValue(Decode),
         };
         if (options.Threads is <= 0) throw new UsageException("--threads must be positive");
         _ = options.ScalarType;   // validates --dtype
         _ = options.Quantization; // validates --quantize and --group-size
+        _ = options.ActionDecoding; // validates --decode
         return options;
     }
 }

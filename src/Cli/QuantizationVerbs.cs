@@ -22,11 +22,18 @@ internal static class QuantizationVerbs
         var checkpoint = new Option<string>("--checkpoint") { Description = "bf16/f32 Hugging Face OpenVLA checkpoint directory", Required = true };
         var outDir = new Option<string>("--out") { Description = "directory for the converted checkpoint", Required = true };
         var dtype = new Option<string>("--dtype") { Description = "stored precision: bf16 or f32", Required = true };
+        var decode = new Option<string?>("--decode")
+        {
+            Description = "record the checkpoint's decoding in generation_config.json (greedy | sample[:T][,top_k=K][,top_p=P]); default: keep the source's",
+        };
         var cmd = new Command("convert",
             "Write a copy of a checkpoint in another float precision (e.g. a full training run's f32 weights as bf16, as published checkpoints are).")
-            { checkpoint, outDir, dtype };
+            { checkpoint, outDir, dtype, decode };
         cmd.SetAction(r =>
         {
+            var decoding = r.GetValue(decode) is { } d ? ActionDecoding.Parse(d) : null;
+            if (decoding?.Mode == DecodingMode.Expected)
+                throw new UsageException("--decode expected has no generation_config.json form (do_sample covers greedy and sampling only)");
             var source = VlaCheckpoint.Open(r.GetValue(checkpoint)!);
             var stored = FineTuneVerbs.StoredType(r.GetValue(dtype)!);
             if (source.Config.StoredQuantization is not null) throw new UsageException("--checkpoint is pre-quantized; convert needs a bf16/f32 checkpoint");
@@ -46,6 +53,7 @@ internal static class QuantizationVerbs
                 config["norm_stats"] = JsonNode.Parse(File.ReadAllText(statsPath));
                 File.WriteAllText(configPath, config.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
             }
+            decoding?.WriteGenerationConfig(Path.Combine(outPath, "generation_config.json"));
             Console.WriteLine(Path.GetFullPath(outPath));
             return CliExit.Ok;
         });

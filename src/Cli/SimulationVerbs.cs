@@ -121,20 +121,22 @@ internal static class SimulationVerbs
         var dtype = new Option<string?>("--dtype") { Description = "checkpoint:DIR policies: compute precision (f32 or bf16)." };
         var unnormKey = new Option<string?>("--unnorm-key") { Description = "checkpoint/grpc policies: dataset statistics to un-normalize with." };
         var adapter = new Option<string?>("--adapter") { Description = "checkpoint:DIR policies: PEFT LoRA adapter directory (from finetune) merged in at load." };
+        var decode = new Option<string?>("--decode") { Description = $"checkpoint:DIR policies: action decoding, {OpenVLA.Policy.ActionDecoding.Syntax} (default: the checkpoint's generation_config.json)." };
         var diagnose = Opt("--diagnose", "Run the clean scripted expert beside a learned policy (on state the policy never sees) and report where failed " +
             "episodes stopped and, per expert phase, how far the policy's commands were from the expert's.", false);
         var command = new Command("eval", "Evaluate a policy in closed loop on the tabletop suite (success rates with 95% Wilson intervals).")
         {
             suite, tasks, policy, trials, seed, workers, imageSize, settle, videoDir, videos, outDir, json, quantize, dtype, unnormKey, adapter,
-            diagnose,
+            decode, diagnose,
         };
         command.SetAction(parse =>
         {
             // Worker processes inherit the environment, so each loads the checkpoint the same way (see PolicyBackends).
-            var load = new OpenVLA.Policy.PolicyOptions { Quantize = parse.GetValue(quantize)!, DType = parse.GetValue(dtype) };
-            _ = load.Quantization; _ = load.ScalarType; // validate before starting workers
+            var load = new OpenVLA.Policy.PolicyOptions { Quantize = parse.GetValue(quantize)!, DType = parse.GetValue(dtype), Decoding = parse.GetValue(decode) };
+            _ = load.Quantization; _ = load.ScalarType; _ = load.ActionDecoding; // validate before starting workers
             Environment.SetEnvironmentVariable(PolicyBackends.QuantizeVariable, load.Quantize);
             Environment.SetEnvironmentVariable(PolicyBackends.DTypeVariable, load.DType);
+            Environment.SetEnvironmentVariable(PolicyBackends.DecodeVariable, load.Decoding);
             Environment.SetEnvironmentVariable(PolicyBackends.UnnormKeyVariable, parse.GetValue(unnormKey));
             if (parse.GetValue(adapter) is { } adapterDir)
             {
@@ -152,12 +154,14 @@ internal static class SimulationVerbs
             try { spec = RolloutPolicies.Parse(policyText); RolloutPolicies.EnsureAvailable(spec); }
             catch (Exception e) when (e is ArgumentException or PolicyUnavailableException or DirectoryNotFoundException) { throw new UsageException(e.Message); }
             Check(!parse.GetValue(diagnose) || spec is not RolloutPolicies.Scripted, "--diagnose compares a learned policy with the scripted expert; the policy is the expert");
+            Check(load.Decoding is null || spec is RolloutPolicies.Checkpoint,
+                "--decode applies to checkpoint:DIR policies (a policy server takes its own --decode)");
             Check(parse.GetValue(adapter) is null || spec is RolloutPolicies.Checkpoint,
                 "--adapter applies to checkpoint:DIR policies (a policy server takes its own --adapter)");
             int size = parse.GetValue(imageSize) ?? PolicyInputSize(spec);
             Check(size is >= 16 and <= 1024, $"--image-size must be 16..1024, got {size}");
             var options = new EvalOptions(selected, policyText, n, parse.GetValue(seed), w, size, settleSteps, parse.GetValue(videoDir), parse.GetValue(videos),
-                parse.GetValue(diagnose));
+                parse.GetValue(diagnose), PolicySettings(spec, load, parse.GetValue(adapter)));
             var report = Evaluator.Run(options, w > 1 ? WorkerCommand("eval") : null, new ProgressBar("eval", selected.Count * n, "episodes"));
             var files = report.WriteFiles(parse.GetValue(outDir)!);
             Console.WriteLine(parse.GetValue(json) ? report.ToJson() : report.ToMarkdown());
@@ -165,6 +169,25 @@ internal static class SimulationVerbs
             return CliExit.Ok;
         });
         return command;
+    }
+
+    /// <summary>How a learned policy was run, for the report: a checkpoint's load options and the decoding in force (its
+    /// generation_config.json's unless --decode says otherwise); a server's are its own.</summary>
+    private static string? PolicySettings(RolloutPolicies.Spec spec, OpenVLA.Policy.PolicyOptions load, string? adapter)
+    {
+        switch (spec)
+        {
+            case RolloutPolicies.Checkpoint c:
+                OpenVLA.Policy.ActionDecoding decoding;
+                try { decoding = load.ActionDecoding ?? OpenVLA.Policy.ActionDecoding.FromGenerationConfig(Path.Combine(c.Directory, "generation_config.json")); }
+                catch (OpenVLA.Policy.CheckpointException e) { throw new UsageException(e.Message); }
+                return $"weights {(load.Quantize == "none" ? "float" : load.Quantize)}, precision {load.ScalarType.ToString().ToLowerInvariant()}, " +
+                       $"decoding {decoding}{(adapter is null ? "" : $", adapter {adapter}")}";
+            case RolloutPolicies.Grpc:
+                return "quantization and decoding are the policy server's own (see its start-up log)";
+            default:
+                return null;
+        }
     }
 
     /// <summary>

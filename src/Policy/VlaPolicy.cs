@@ -30,6 +30,12 @@ public sealed record PolicyOptions
     /// <summary>A PEFT LoRA adapter directory (as `finetune` writes it) folded into the float base at load, before any
     /// quantization; its dataset_statistics.json, when present, replaces the base's statistics.</summary>
     public string? Adapter { get; init; }
+    /// <summary>How action tokens become an action, in <see cref="ActionDecoding.Syntax"/>; null = what the checkpoint's
+    /// generation_config.json states (greedy, the reference, when it states no sampling).</summary>
+    public string? Decoding { get; init; }
+
+    /// <summary>The parsed <see cref="Decoding"/> (null when the checkpoint decides).</summary>
+    public ActionDecoding? ActionDecoding => Decoding is null ? null : OpenVLA.Policy.ActionDecoding.Parse(Decoding);
 
     public Quantization.QuantizationOptions Quantization => OpenVLA.Policy.Quantization.QuantizationOptions.Parse(Quantize, GroupSize, QuantizeVision);
 
@@ -47,13 +53,15 @@ public sealed record PolicyOptions
 /// <summary>
 /// An OpenVLA policy loaded from a Hugging Face checkpoint directory: frame(s) + instruction → 7-D action, following the
 /// reference predict_action (openvla-model.md §3.2): prompt with the lone "▁" appended, image tokens right after BOS,
-/// greedy decoding of action_dim tokens with a KV cache, bin-centre de-tokenization, q01/q99 un-normalization.
+/// greedy decoding (or another <see cref="ActionDecoding"/>) of action_dim tokens with a KV cache, bin-centre de-tokenization, q01/q99 un-normalization.
 /// Several observations run as one batch: prompts are left-padded so all rows decode in lock-step.
 /// </summary>
 public sealed class VlaPolicy : IActionPolicy, IDisposable
 {
     readonly object _gate = new();
     readonly ImagePreprocessor _preprocessor;
+    readonly Generator? _sampler;
+    readonly Tensor _binCentres;   // [NumBins] f32: the normalized value of action token FirstActionId + j
 
     public VlaCheckpoint Checkpoint { get; }
     public OpenVlaModel Model { get; }
@@ -63,11 +71,16 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     public LoadReport LoadReport { get; }
     public PolicyDescription Description { get; }
     public Device Device { get; }
+    /// <summary>The decoding rule in force: the options' --decode, else the checkpoint's generation_config.json.</summary>
+    public ActionDecoding Decoding { get; }
 
     VlaPolicy(VlaCheckpoint checkpoint, OpenVlaModel model, VlaTokenizer tokenizer, PolicyOptions options, LoadReport report, Device device)
     {
         Checkpoint = checkpoint; Model = model; Tokenizer = tokenizer; Options = options; LoadReport = report; Device = device;
         ActionTokenizer = new ActionTokenizer(checkpoint.Config.TokenizerVocabSize, checkpoint.Config.NActionBins);
+        Decoding = options.ActionDecoding ?? ActionDecoding.FromGenerationConfig(Path.Combine(checkpoint.Directory, "generation_config.json"));
+        _binCentres = tensor(Enumerable.Range(0, ActionTokenizer.NumBins).Select(j => (float)ActionTokenizer.Decode(ActionTokenizer.FirstActionId + j)).ToArray(), device: device);
+        if (Decoding.Mode == DecodingMode.Sample) _sampler = new Generator((ulong)Decoding.Seed, torch.CPU);   // probabilities are sampled on the CPU
         _preprocessor = new ImagePreprocessor(File.Exists(checkpoint.PreprocessorConfigPath)
             ? PreprocessorConfig.Load(checkpoint.PreprocessorConfigPath)
             : PreprocessorConfig.CreateDefault(checkpoint.Config.ImageSize));
@@ -95,6 +108,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     static VlaPolicy Create(string checkpointDir, PolicyOptions? options, int? randomSeed)
     {
         options ??= new PolicyOptions();
+        _ = options.ActionDecoding;   // a bad decoding fails before the weights are read
         if (options.Threads is int n) torch.set_num_threads(n);
         var checkpoint = VlaCheckpoint.Open(checkpointDir, requireWeights: randomSeed is null);
         var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
@@ -172,13 +186,13 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             double visionMs = Lap(sw);
             cancellationToken.ThrowIfCancellationRequested();
 
-            var (tokens, prefillMs, decodeMs) = Generate(patches, prompts, actionDim);
+            var (tokens, values, prefillMs, decodeMs) = Generate(patches, prompts, actionDim);
             var timings = new StageTimings(preprocessMs, visionMs, prefillMs, decodeMs, total.Elapsed.TotalMilliseconds);
 
             var results = new ActionPrediction[observations.Count];
             for (int b = 0; b < results.Length; b++)
             {
-                var normalized = tokens[b].Select(id => ActionTokenizer.Decode(id)).ToArray();
+                var normalized = values?[b] ?? tokens[b].Select(id => ActionTokenizer.Decode(id)).ToArray();
                 var action = ActionNormalizer.Unnormalize(normalized, Checkpoint.NormStats[keys[b]]);
                 results[b] = new ActionPrediction(action, normalized.Select(v => (float)v).ToArray(), tokens[b], prompts[b], keys[b], timings);
             }
@@ -186,8 +200,10 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         }
     }
 
-    /// <summary>Prefill [BOS, image tokens, prompt…] for every row (left-padded to a common length), then greedy decoding.</summary>
-    (int[][] Tokens, double PrefillMs, double DecodeMs) Generate(Tensor patches, int[][] prompts, int steps)
+    /// <summary>Prefill [BOS, image tokens, prompt…] for every row (left-padded to a common length), then decoding of one
+    /// token per action dimension by the policy's <see cref="ActionDecoding"/>. Values is null for greedy (the caller
+    /// takes bin centres of the tokens); for expected decoding it holds each dimension's mean over the bin centres.</summary>
+    (int[][] Tokens, double[][]? Values, double PrefillMs, double DecodeMs) Generate(Tensor patches, int[][] prompts, int steps)
     {
         var lm = Model.language_model;
         int batch = prompts.Length, numPatches = (int)patches.shape[1];
@@ -211,21 +227,62 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         var inputs = cat(rows, 0);
         using var cache = lm.NewCache(batch, maxLen + steps, pads);
         var hidden = lm.Step(inputs, cache);
-        var next = lm.Logits(hidden.narrow(1, maxLen - 1, 1)).argmax(-1);   // [B, 1]
         var tokens = new int[batch][];
         for (int b = 0; b < batch; b++) tokens[b] = new int[steps];
-        Record(next, tokens, 0);
+        double[][]? values = Decoding.Mode == DecodingMode.Expected ? Enumerable.Range(0, batch).Select(_ => new double[steps]).ToArray() : null;
+        var next = Choose(lm.Logits(hidden.narrow(1, maxLen - 1, 1)), tokens, values, 0);   // [B, 1]
         double prefillMs = Lap(sw);
         for (int s = 1; s < steps; s++)
         {
             using var stepScope = NewDisposeScope();
             var h = lm.Step(lm.Embed(next), cache);
-            var n = lm.Logits(h).argmax(-1);
-            Record(n, tokens, s);
-            next = n.MoveToOuterDisposeScope();
+            next = Choose(lm.Logits(h), tokens, values, s).MoveToOuterDisposeScope();
         }
         double decodeMs = Lap(sw);
-        return (tokens, prefillMs, decodeMs);
+        return (tokens, values, prefillMs, decodeMs);
+    }
+
+    /// <summary>The token each row feeds back for action dimension <paramref name="step"/> (recorded in tokens), and for
+    /// expected decoding that dimension's mean normalized value. logits: [B, 1, V'] (V' may include padding ids).</summary>
+    Tensor Choose(Tensor logits, int[][] tokens, double[][]? values, int step)
+    {
+        Tensor next;
+        if (Decoding.Mode == DecodingMode.Greedy) next = logits.argmax(-1);
+        else
+        {
+            var action = logits.narrow(-1, ActionTokenizer.FirstActionId, ActionTokenizer.NumBins).squeeze(1).to(ScalarType.Float32);   // [B, bins]
+            if (Decoding.Mode == DecodingMode.Expected)
+            {
+                next = logits.argmax(-1);
+                var mean = (softmax(action, -1) * _binCentres).sum(-1).cpu().data<float>().ToArray();
+                for (int b = 0; b < values!.Length; b++) values[b][step] = mean[b];
+            }
+            else next = Sample(logits.squeeze(1));
+        }
+        Record(next, tokens, step);
+        return next;
+    }
+
+    /// <summary>One token per row, as Hugging Face samples (its TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper in
+    /// that order, then multinomial), over the whole vocabulary. logits: [B, V'] → [B, 1] token ids.</summary>
+    Tensor Sample(Tensor logits)
+    {
+        var scores = logits.to(ScalarType.Float32).cpu() / Decoding.Temperature;
+        if (Decoding.TopK > 0 && Decoding.TopK < scores.shape[1])
+        {
+            var kth = scores.topk(Decoding.TopK, -1).values.narrow(1, Decoding.TopK - 1, 1);   // [B, 1]
+            scores = scores.masked_fill(scores < kth, double.NegativeInfinity);
+        }
+        if (Decoding.TopP < 1.0)
+        {
+            // Sort ascending; drop the tokens whose cumulative probability stays at or below 1 − top_p, always keeping the top one.
+            var (sorted, order) = scores.sort(-1, descending: false);
+            var cumulative = softmax(sorted, -1).cumsum(-1);
+            var drop = cumulative <= (1.0 - Decoding.TopP);
+            drop.narrow(1, drop.shape[1] - 1, 1).fill_(false);
+            scores = scores.masked_fill(drop.scatter(1, order, drop), double.NegativeInfinity);
+        }
+        return multinomial(softmax(scores, -1), 1, generator: _sampler).to(Device);
     }
 
     static void Record(Tensor next, int[][] tokens, int step)
@@ -246,5 +303,10 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         return ms;
     }
 
-    public void Dispose() => Model.Dispose();
+    public void Dispose()
+    {
+        Model.Dispose();
+        _binCentres.Dispose();
+        _sampler?.Dispose();
+    }
 }

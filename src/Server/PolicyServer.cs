@@ -175,6 +175,7 @@ public sealed class PolicyServer : IAsyncDisposable
             metrics.Ready(true);
             logger.LogInformation("serving {ModelId} (version {ModelVersion}, {Architecture}): loaded in {LoadSeconds:F2} s, warmed up in {WarmupSeconds:F2} s; max batch {MaxBatch}, max queue delay {MaxQueueDelayMs} ms",
                 policy.Description.ModelId, mapping.ModelVersion, policy.Description.Architecture, loadSeconds, warmSeconds, options.MaxBatch, options.MaxQueueDelayMs);
+            if (policy is VlaPolicy vla) logger.LogInformation("action decoding: {Decoding}", vla.Decoding);
             ready.TrySetResult();
         }
         catch (Exception e)

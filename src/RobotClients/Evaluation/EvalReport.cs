@@ -85,7 +85,7 @@ public sealed record Latency(double MeanMs, double P50Ms, double P90Ms, double P
 public sealed record EvalReport(
     string Suite, string Policy, int Seed, int TrialsPerTask, int ImageSize, int SettleSteps, int Workers, DateTime FinishedUtc,
     double WallSeconds, Rate Overall, IReadOnlyList<TaskResult> Tasks, Latency PolicyLatency, IReadOnlyList<WorkerCrash> WorkerCrashes,
-    IReadOnlyList<EvalEpisode> Episodes, ExpertDiagnosis? Diagnosis = null)
+    IReadOnlyList<EvalEpisode> Episodes, ExpertDiagnosis? Diagnosis = null, string? PolicySettings = null)
 {
     private static readonly JsonSerializerOptions Json = new()
     {
@@ -106,7 +106,7 @@ public sealed record EvalReport(
             Rate.Wilson(episodes.Count(e => e.Success), episodes.Count), tasks,
             new Latency(latencies.Length == 0 ? 0 : latencies.Average(), Percentile(latencies, 0.5), Percentile(latencies, 0.9),
                 Percentile(latencies, 0.99), latencies.Length == 0 ? 0 : latencies[^1], latencies.Length),
-            crashes, episodes, ExpertDiagnosis.From(o.Tasks.Select(t => t.Id).ToList(), episodes));
+            crashes, episodes, ExpertDiagnosis.From(o.Tasks.Select(t => t.Id).ToList(), episodes), o.PolicySettings);
     }
 
     /// <summary>Linear-interpolated percentile of sorted values (numpy's default).</summary>
@@ -129,6 +129,7 @@ public sealed record EvalReport(
         s.AppendLine();
         s.AppendLine($"Seed {Seed}, {TrialsPerTask} trials per task, {ImageSize}x{ImageSize} images, {SettleSteps} settling steps, " +
                      $"{Workers} worker(s), {WallSeconds:F1} s, finished {FinishedUtc:yyyy-MM-dd HH:mm} UTC.");
+        if (PolicySettings is { Length: > 0 }) s.AppendLine().AppendLine($"Policy settings: {PolicySettings}.");
         s.AppendLine();
         s.AppendLine("| task | success | 95% CI (Wilson) | mean steps | mean steps (successes) | budget |");
         s.AppendLine("|---|---|---|---|---|---|");

@@ -9,7 +9,7 @@ namespace OpenVLA.RobotClients.Evaluation;
 /// <summary>Options of <c>openvla eval</c>.</summary>
 public sealed record EvalOptions(
     IReadOnlyList<TabletopTask> Tasks, string Policy, int TrialsPerTask, int Seed = 7, int Workers = 1, int ImageSize = 224,
-    int SettleSteps = 10, string? VideoDir = null, int VideosPerTask = 1, bool Diagnose = false);
+    int SettleSteps = 10, string? VideoDir = null, int VideosPerTask = 1, bool Diagnose = false, string? PolicySettings = null);
 
 /// <summary>One rollout to run. The seed fixes the initial state, so every policy sees the same episode for (task, trial).</summary>
 public sealed record EvalJob(string TaskId, int Trial, int Seed, string Policy, int ImageSize, int SettleSteps, string? VideoPath, bool Diagnose = false);

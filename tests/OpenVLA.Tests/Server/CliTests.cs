@@ -92,6 +92,38 @@ public sealed class CliTests
         Assert.Single(result.Output.Trim().Split('\n'));
     }
 
+    [Theory]
+    [InlineData("scripted", "sample:0.8", "--decode applies to checkpoint:DIR policies")]
+    [InlineData(null, "sample:0", "temperature must be a positive number")]
+    [InlineData(null, "beam:4", "unknown decoding 'beam:4'")]
+    public async Task Eval_refuses_a_decoding_it_cannot_apply_with_one_line(string? policy, string decode, string message)
+    {
+        string[] args = ["eval", "--decode", decode, "--tasks", "pick_up", "--trials-per-task", "1"];
+        var result = await RunAsync(policy is null ? args : [.. args, "--policy", policy]);
+        Assert.Equal(2, result.Code);
+        Assert.Contains(message, result.Output);
+        Assert.Single(result.Output.Trim().Split('\n'));
+    }
+
+    [Fact]
+    public async Task Convert_records_sampling_in_generation_config_and_refuses_expected()
+    {
+        using var tmp = new TestPaths.TempDir();
+        var golden = TestPaths.Fixture("openvla-golden", "checkpoint");
+        var refused = await RunAsync("convert", "--checkpoint", golden, "--out", tmp["expected"], "--dtype", "f32", "--decode", "expected");
+        Assert.Equal(2, refused.Code);
+        Assert.Contains("no generation_config.json form", refused.Output);
+        Assert.False(Directory.Exists(tmp["expected"]));
+
+        var ok = await RunAsync("convert", "--checkpoint", golden, "--out", tmp["sampled"], "--dtype", "f32", "--decode", "sample:0.6,top_k=10");
+        Assert.Equal(0, ok.Code);
+        var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(tmp["sampled"], "generation_config.json")))!;
+        Assert.True((bool)config["do_sample"]!);
+        Assert.Equal(0.6, (double)config["temperature"]!);
+        Assert.Equal(10, (int)config["top_k"]!);
+        Assert.Equal(1, (int)config["bos_token_id"]!);   // the source's keys are kept
+    }
+
     [Fact]
     public async Task Eval_against_an_unreachable_policy_server_fails_with_one_line()
     {
