@@ -10,6 +10,8 @@ ProcessMemory.LimitHeapFragmentation();
 PolicyBackends.InWorker = args.Length > 0 && args[0] == "sim-worker";
 OpenVLA.RobotClients.Evaluation.RolloutPolicies.UnnormKey = PolicyBackends.UnnormKey;
 OpenVLA.RobotClients.Evaluation.RolloutPolicies.CheckpointFactory = dir => OpenVLA.Policy.VlaPolicy.Load(dir, PolicyBackends.FromEnvironment());
+OpenVLA.Simulation.Datasets.DemoRecorder.DriverFactory = spec =>
+    new OpenVLA.RobotClients.Evaluation.RolloutDemoDriver(OpenVLA.RobotClients.Evaluation.RolloutPolicies.Create(OpenVLA.RobotClients.Evaluation.RolloutPolicies.Parse(spec)));
 
 var root = new RootCommand("OpenVLA.NET: serve, fine-tune and evaluate OpenVLA vision-language-action policies.");
 foreach (var command in Verbs.All()) root.Subcommands.Add(command);

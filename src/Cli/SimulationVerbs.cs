@@ -50,7 +50,7 @@ internal static class SimulationVerbs
     {
         var suite = SuiteOption();
         var tasks = Opt("--tasks", $"'all' or a comma-separated list of: {string.Join(", ", TabletopTasks.Ids)}.", "all");
-        var episodes = new Option<int>("--episodes-per-task") { Description = "Successful demonstrations to record per task.", Required = true };
+        var episodes = new Option<int>("--episodes-per-task") { Description = "Successful demonstrations to record per task (with --policy: episodes, kept whether they succeed or not).", Required = true };
         var outDir = new Option<string>("--out") { Description = "Output directory (new or empty) for the LeRobot v2.1 dataset.", Required = true };
         var noise = Opt("--noise", "Noisy expert: std of Gaussian action noise in metres per step (plus pauses and detours); 0 = clean.", 0.0);
         var seed = Opt("--seed", "Suite seed; episode seeds derive from (seed, task, episode). Use a different seed from eval.", 0);
@@ -61,9 +61,15 @@ internal static class SimulationVerbs
         var labels = Opt("--labels", "Recorded action with --noise: 'executed' (what the robot was sent, LeRobot's meaning) or 'expert' " +
             "(the clean expert's command at that state, DART-style: noisy states, clean targets).", "executed");
         var json = Opt("--json", "Print the summary as JSON.", false);
+        var driver = new Option<string?>("--policy")
+        {
+            Description = "DAgger: this learned policy (checkpoint:DIR | grpc://HOST:PORT) drives, the clean expert labels every state it reaches, " +
+                          "and every episode is kept, failed or not (--episodes-per-task then counts episodes, not successes).",
+        };
+        var decode = new Option<string?>("--decode") { Description = $"with --policy checkpoint:DIR: action decoding, {OpenVLA.Policy.ActionDecoding.Syntax}." };
         var command = new Command("demos", "Record scripted-expert demonstrations of the tabletop suite as a LeRobot v2.1 dataset.")
         {
-            suite, tasks, episodes, outDir, noise, seed, workers, imageSize, wrist, name, labels, json,
+            suite, tasks, episodes, outDir, noise, seed, workers, imageSize, wrist, name, labels, json, driver, decode,
         };
         command.SetAction(parse =>
         {
@@ -81,21 +87,38 @@ internal static class SimulationVerbs
             Check(datasetName.Length > 0 && datasetName.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '-'), $"--name '{datasetName}' must be letters, digits, '_' or '-'");
             string labelKind = parse.GetValue(labels)!;
             Check(labelKind is "executed" or "expert", $"--labels must be executed or expert, got '{labelKind}'");
+            string? driverText = parse.GetValue(driver);
+            if (driverText is not null)
+            {
+                RolloutPolicies.Spec spec;
+                try { spec = RolloutPolicies.Parse(driverText); RolloutPolicies.EnsureAvailable(spec); }
+                catch (Exception e) when (e is ArgumentException or PolicyUnavailableException or DirectoryNotFoundException) { throw new UsageException(e.Message); }
+                Check(spec is not RolloutPolicies.Scripted, "--policy scripted: the expert already drives demos; --policy names a learned policy to drive");
+                Check(sigma == 0, "--noise perturbs the expert's driving; with --policy the learned policy drives (leave --noise out)");
+                driverText = spec.Text;
+            }
+            if (parse.GetValue(decode) is { } decodeText)
+            {
+                Check(driverText is not null && driverText.StartsWith("checkpoint:"), "--decode applies to --policy checkpoint:DIR");
+                _ = OpenVLA.Policy.ActionDecoding.Parse(decodeText);
+                Environment.SetEnvironmentVariable(PolicyBackends.DecodeVariable, decodeText);   // the workers load the policy
+            }
             var options = new DemoOptions(selected, n, dir, sigma, parse.GetValue(seed), w, size, parse.GetValue(wrist), datasetName,
-                ExpertLabels: labelKind == "expert");
+                ExpertLabels: labelKind == "expert", Driver: driverText);
             var summary = DemoSuite.Generate(options, w > 1 ? WorkerCommand("demos") : null, new ProgressBar("demos", selected.Count * n, "episodes"));
             if (parse.GetValue(json))
                 Console.WriteLine(JsonSerializer.Serialize(new
                 {
                     out_dir = Path.GetFullPath(dir), episodes = summary.Episodes, frames = summary.Frames, expert_attempts = summary.ExpertAttempts,
                     seconds = summary.Seconds, episodes_per_minute = summary.Episodes / summary.Seconds * 60,
-                    worker_crashes = summary.Crashes.Count, mean_length = summary.MeanLengthByTask,
+                    worker_crashes = summary.Crashes.Count, mean_length = summary.MeanLengthByTask, successes = summary.Successes, driver = driverText,
                 }));
             else
             {
                 Console.WriteLine($"wrote {summary.Episodes} episodes ({summary.Frames} frames) to {Path.GetFullPath(dir)} in {summary.Seconds:F1} s " +
                                   $"({summary.Episodes / summary.Seconds * 60:F1} episodes/min); expert attempts {summary.ExpertAttempts}" +
                                   (summary.Crashes.Count > 0 ? $"; {summary.Crashes.Count} worker crash(es), retried" : ""));
+                if (driverText is not null) Console.WriteLine($"  driven by {driverText}: {summary.Successes} of {summary.Episodes} episodes succeeded; every one is kept, with the expert's labels");
                 foreach (var (task, length) in summary.MeanLengthByTask) Console.WriteLine($"  {task}: mean length {length:F1} steps");
             }
             return CliExit.Ok;

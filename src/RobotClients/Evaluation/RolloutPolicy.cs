@@ -72,6 +72,23 @@ public sealed class ActionPolicyRolloutPolicy(IActionPolicy policy, string name,
     }
 }
 
+/// <summary>A learned rollout policy as the driver of DAgger recording (<c>demos --policy</c>): it sees what it sees in
+/// evaluation, the expert only labels.</summary>
+public sealed class RolloutDemoDriver(IRolloutPolicy policy) : OpenVLA.Simulation.Datasets.IDemoDriver
+{
+    public void BeginEpisode(EpisodeSpec episode) => policy.BeginEpisode(episode);
+
+    public float[] Act(byte[] frame, byte[]? wristFrame, int imageSize, string instruction, float[] state)
+    {
+        RgbImage? wrist = null;
+        if (policy.WantsWristImage)
+            wrist = RgbImage.Create(imageSize, imageSize, wristFrame ?? throw new PolicyInputException($"policy {policy.Name} takes the wrist camera: record with --wrist"));
+        return policy.Act(new RolloutObservation(RgbImage.Create(imageSize, imageSize, frame), instruction, state, null, wrist));
+    }
+
+    public void Dispose() => policy.Dispose();
+}
+
 /// <summary>A policy backend named on the command line is not available in this build.</summary>
 public sealed class PolicyUnavailableException(string message) : Exception(message);
 

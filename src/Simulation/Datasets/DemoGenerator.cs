@@ -3,14 +3,27 @@ using Parquet.Serialization;
 
 namespace OpenVLA.Simulation.Datasets;
 
-/// <summary>One demonstration to record: which task, from which seed, into which file.</summary>
+/// <summary>One demonstration to record: which task, from which seed, into which file. <see cref="Driver"/> names a
+/// learned policy (as eval's --policy) that drives instead of the expert: DAgger recording.</summary>
 public sealed record DemoJob(int EpisodeIndex, string TaskId, int Seed, double Noise, int ImageSize, bool Wrist, string OutDir, string[] SuiteTasks,
-    bool ExpertLabels = false);
+    bool ExpertLabels = false, string? Driver = null);
 
-/// <summary>What a recorded episode contributes to the dataset metadata and statistics.</summary>
+/// <summary>What a recorded episode contributes to the dataset metadata and statistics. <see cref="Success"/> is false
+/// only for driven episodes that ran out of steps (expert demonstrations keep successes only).</summary>
 public sealed record DemoEpisode(
     int EpisodeIndex, string TaskId, string Instruction, int TaskIndex, int Seed, int Attempts, int Length,
-    float[][] Actions, float[][] States, float[][] EnvironmentStates, FeatureStats ImageStats, FeatureStats? WristStats);
+    float[][] Actions, float[][] States, float[][] EnvironmentStates, FeatureStats ImageStats, FeatureStats? WristStats, bool Success = true);
+
+/// <summary>
+/// A learned policy that drives the robot while the expert labels (DAgger). Given the third-person frame, the wrist frame
+/// when the dataset records one, the instruction and the robot state, it returns the 7-D action to execute.
+/// </summary>
+public interface IDemoDriver : IDisposable
+{
+    /// <summary>Called before the first step of every episode.</summary>
+    void BeginEpisode(EpisodeSpec episode);
+    float[] Act(byte[] frame, byte[]? wristFrame, int imageSize, string instruction, float[] state);
+}
 
 /// <summary>
 /// Records scripted-expert demonstrations: runs the expert (clean or noisy) until the task's success predicate holds,
@@ -21,10 +34,19 @@ public static class DemoRecorder
 {
     public const int MaxAttempts = 6;
 
-    public static DemoEpisode Record(DemoJob job, TabletopEnv env)
+    /// <summary>Settling steps before a driven episode's first action: the evaluator's protocol, so the driven states are
+    /// the ones evaluation visits.</summary>
+    public const int DrivenSettleSteps = 10;
+
+    /// <summary>Builds the driver a job names (the CLI registers the learned-policy backends).</summary>
+    public static Func<string, IDemoDriver>? DriverFactory { get; set; }
+
+    public static DemoEpisode Record(DemoJob job, TabletopEnv env, IDemoDriver? driver = null)
     {
         var task = TabletopTasks.Get(job.TaskId);
         var catalogue = TabletopTasks.InstructionCatalogue(job.SuiteTasks.Select(TabletopTasks.Get));
+        if (job.Driver is not null)
+            return RecordDriven(job, env, driver ?? throw new InvalidOperationException($"job names driver {job.Driver} but none was given"), task, catalogue);
         for (int attempt = 0; attempt < MaxAttempts; attempt++)
         {
             // Attempts 0-1 keep the layout (only the noise changes); later ones draw a new layout.
@@ -61,6 +83,47 @@ public static class DemoRecorder
                 actions.ToArray(), states.ToArray(), environment.ToArray(), imageStats, wristStats);
         }
         throw new InvalidOperationException($"the scripted expert failed task {job.TaskId} (seed {job.Seed}) {MaxAttempts} times");
+    }
+
+    /// <summary>
+    /// DAgger: the driver acts, the clean expert labels every state the driver reaches (its phase follows that state, as
+    /// in eval --diagnose), and the episode is kept whether or not it succeeds, since its failures are the states the
+    /// demonstrations never showed. One attempt, the job's own layout, the evaluator's settling steps.
+    /// </summary>
+    private static DemoEpisode RecordDriven(DemoJob job, TabletopEnv env, IDemoDriver driver, TabletopTask task, IReadOnlyList<string> catalogue)
+    {
+        var episode = task.Sample(job.Seed);
+        env.Reset(episode.Layout, DrivenSettleSteps);
+        var start = TabletopScene.CubeColours.ToDictionary(c => c, env.CubePosition);
+        var expert = new ScriptedExpert(episode);
+        driver.BeginEpisode(episode);
+        var frames = new List<byte[]>();
+        var wrist = new List<byte[]>();
+        var states = new List<float[]>();
+        var environment = new List<float[]>();
+        var labels = new List<float[]>();
+        bool success = false;
+        for (int step = 0; step < task.MaxSteps && !success; step++)
+        {
+            var frame = env.Render();
+            byte[]? wristFrame = job.Wrist ? env.Render(wrist: true) : null;
+            frames.Add(frame);
+            if (wristFrame is not null) wrist.Add(wristFrame);
+            var state = env.State();
+            states.Add(state);
+            environment.Add(env.EnvironmentState());
+            labels.Add(expert.Act(env));
+            env.Step(driver.Act(frame, wristFrame, env.ImageSize, episode.Instruction, state));
+            success = task.IsSuccess(env, episode.Args, start);
+        }
+        int taskIndex = catalogue.ToList().IndexOf(episode.Instruction);
+        var imageStats = FeatureStats.Create(3);
+        frames.ForEach(f => imageStats.AddImage(f));
+        FeatureStats? wristStats = null;
+        if (job.Wrist) { wristStats = FeatureStats.Create(3); wrist.ForEach(f => wristStats.AddImage(f)); }
+        WriteEpisodeFile(job, taskIndex, frames, job.Wrist ? wrist : null, states, environment, labels, globalIndexStart: 0);
+        return new DemoEpisode(job.EpisodeIndex, job.TaskId, episode.Instruction, taskIndex, job.Seed, 1, labels.Count,
+            labels.ToArray(), states.ToArray(), environment.ToArray(), imageStats, wristStats, success);
     }
 
     private static void WriteEpisodeFile(DemoJob job, int taskIndex, List<byte[]> frames, List<byte[]>? wrist, List<float[]> states,

@@ -111,10 +111,12 @@ public static class LeRobotFiles
             ["episode_index"] = e.EpisodeIndex,
             ["tasks"] = new JsonArray(e.Instruction),
             ["length"] = e.Length,
-            // Our additions (LeRobot ignores unknown keys): the suite task, the layout seed and how many expert attempts it took.
+            // Our additions (LeRobot ignores unknown keys): the suite task, the layout seed, how many expert attempts it took
+            // and whether the episode succeeded (false only for DAgger episodes, which are kept either way).
             ["suite_task"] = e.TaskId,
             ["seed"] = e.Seed,
             ["attempts"] = e.Attempts,
+            ["success"] = e.Success,
         }.ToJsonString()));
 
         var all = new Stats(imageSize, wrist);

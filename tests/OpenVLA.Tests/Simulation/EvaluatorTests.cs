@@ -237,4 +237,48 @@ public sealed class EvaluatorTests : IDisposable
             foreach (var f in Directory.GetFiles(Path.GetTempPath(), $"openvla-sim-crash-{id}-*")) File.Delete(f);
         }
     }
+
+    [Fact]
+    public void Dagger_recording_keeps_a_failed_driven_episode_labelled_by_the_expert()
+    {
+        using var env = new TabletopEnv(32);
+        var stayClosed = new ConstantPolicy([0, 0, 0, 0, 0, 0, 0]);
+        using var driver = new RolloutDemoDriver(new ActionPolicyRolloutPolicy(stayClosed, "constant"));
+        int seed = TabletopTasks.EpisodeSeed(5, "pick_up", 0);
+        var job = new OpenVLA.Simulation.Datasets.DemoJob(0, "pick_up", seed, 0, 32, false, _dir, ["pick_up"], ExpertLabels: true, Driver: "constant");
+        var episode = OpenVLA.Simulation.Datasets.DemoRecorder.Record(job, env, driver);
+
+        // The arm never moves, so the episode runs out of steps, and it is kept anyway.
+        Assert.False(episode.Success);
+        Assert.Equal(TabletopTasks.Get("pick_up").MaxSteps, episode.Length);
+        Assert.Equal(episode.Length, stayClosed.Seen.Count);
+        Assert.All(stayClosed.Seen, o => Assert.Equal(episode.Instruction, o.Instruction));
+        Assert.True(File.Exists(OpenVLA.Simulation.Datasets.LeRobotLayout.EpisodeFile(_dir, 0)));
+
+        // Every label is what a clean expert says in that (unchanging) state: the first approach command after settling.
+        var spec = TabletopTasks.Get("pick_up").Sample(seed);
+        env.Reset(spec.Layout, OpenVLA.Simulation.Datasets.DemoRecorder.DrivenSettleSteps);
+        var first = new ScriptedExpert(spec).Act(env);
+        Assert.True(Math.Abs(first[0]) + Math.Abs(first[1]) + Math.Abs(first[2]) > 0.005, "the expert should be asking to move");
+        Assert.All(episode.Actions, a => Assert.Equal(first, a));
+    }
+
+    [Fact]
+    public void Dagger_recording_driven_by_the_expert_itself_records_what_it_executed_and_succeeds()
+    {
+        using var env = new TabletopEnv(32);
+        using var driver = new RolloutDemoDriver(new ReplayedExpert(env));
+        var job = new OpenVLA.Simulation.Datasets.DemoJob(0, "stack", TabletopTasks.EpisodeSeed(5, "stack", 0), 0, 32, false, _dir, ["stack"],
+            ExpertLabels: true, Driver: "replayed-expert");
+        var episode = OpenVLA.Simulation.Datasets.DemoRecorder.Record(job, env, driver);
+        Assert.True(episode.Success);
+        Assert.True(episode.Length < TabletopTasks.Get("stack").MaxSteps);
+        // Replay the labels open loop from the same reset: a clean expert's labels are its commands, so the replay succeeds
+        // in the same number of steps.
+        var spec = TabletopTasks.Get("stack").Sample(job.Seed);
+        env.Reset(spec.Layout, OpenVLA.Simulation.Datasets.DemoRecorder.DrivenSettleSteps);
+        var start = OpenVLA.Simulation.Tabletop.TabletopScene.CubeColours.ToDictionary(c => c, env.CubePosition);
+        foreach (var a in episode.Actions) env.Step(a);
+        Assert.True(TabletopTasks.Get("stack").IsSuccess(env, spec.Args, start));
+    }
 }
