@@ -267,20 +267,26 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     /// that order, then multinomial), over the whole vocabulary. logits: [B, V'] → [B, 1] token ids.</summary>
     Tensor Sample(Tensor logits)
     {
-        var scores = logits.to(ScalarType.Float32).cpu() / Decoding.Temperature;
+        // Scalars held by using-locals, not converted implicitly inside the calls (see KeptScalars): with implicit ones a
+        // DAgger recording worker died once of "INTERNAL ASSERT FAILED at Scalar.h" in about 200 k sampled tokens.
+        using var temperature = Decoding.Temperature.ToScalar();
+        using var minusInfinity = double.NegativeInfinity.ToScalar();
+        using var dropBelow = (1.0 - Decoding.TopP).ToScalar();
+        using var keep = false.ToScalar();
+        var scores = logits.to(ScalarType.Float32).cpu().div(temperature);
         if (Decoding.TopK > 0 && Decoding.TopK < scores.shape[1])
         {
             var kth = scores.topk(Decoding.TopK, -1).values.narrow(1, Decoding.TopK - 1, 1);   // [B, 1]
-            scores = scores.masked_fill(scores < kth, double.NegativeInfinity);
+            scores = scores.masked_fill(scores.lt(kth), minusInfinity);
         }
         if (Decoding.TopP < 1.0)
         {
             // Sort ascending; drop the tokens whose cumulative probability stays at or below 1 − top_p, always keeping the top one.
             var (sorted, order) = scores.sort(-1, descending: false);
             var cumulative = softmax(sorted, -1).cumsum(-1);
-            var drop = cumulative <= (1.0 - Decoding.TopP);
-            drop.narrow(1, drop.shape[1] - 1, 1).fill_(false);
-            scores = scores.masked_fill(drop.scatter(1, order, drop), double.NegativeInfinity);
+            var drop = cumulative.le(dropBelow);
+            drop.narrow(1, drop.shape[1] - 1, 1).fill_(keep);
+            scores = scores.masked_fill(drop.scatter(1, order, drop), minusInfinity);
         }
         return multinomial(softmax(scores, -1), 1, generator: _sampler).to(Device);
     }
