@@ -50,7 +50,7 @@ public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0,
             string key = eq < 0 ? "temperature" : item[..eq].Trim(), value = (eq < 0 ? item : item[(eq + 1)..]).Trim();
             d = key switch
             {
-                "temperature" or "t" => d with { Temperature = Number(text, key, value) },
+                "temperature" => d with { Temperature = Number(text, key, value) },
                 "top_k" => d with { TopK = (int)Integer(text, key, value) },
                 "top_p" => d with { TopP = Number(text, key, value) },
                 "seed" => d with { Seed = Integer(text, key, value) },

@@ -55,32 +55,17 @@ public static class DemoRecorder
             env.Reset(episode.Layout);
             var start = TabletopScene.CubeColours.ToDictionary(c => c, env.CubePosition);
             var expert = new ScriptedExpert(episode, ExpertNoise.FromSigma(job.Noise), noiseSeed: job.Seed * 31 + attempt);
-            var frames = new List<byte[]>();
-            var wrist = new List<byte[]>();
-            var states = new List<float[]>();
-            var environment = new List<float[]>();
-            var actions = new List<float[]>();
+            var recording = new Recording(job.Wrist);
             bool success = false;
             for (int step = 0; step < task.MaxSteps && !success; step++)
             {
-                frames.Add(env.Render());
-                if (job.Wrist) wrist.Add(env.Render(wrist: true));
-                states.Add(env.State());
-                environment.Add(env.EnvironmentState());
+                recording.Observe(env);
                 var action = expert.Act(env);
-                actions.Add(job.ExpertLabels ? expert.ExpertAction : action);
+                recording.Actions.Add(job.ExpertLabels ? expert.ExpertAction : action);
                 env.Step(action);
                 success = task.IsSuccess(env, episode.Args, start);
             }
-            if (!success) continue;
-            int taskIndex = Array.IndexOf(catalogue.ToArray(), episode.Instruction);
-            var imageStats = FeatureStats.Create(3);
-            frames.ForEach(f => imageStats.AddImage(f));
-            FeatureStats? wristStats = null;
-            if (job.Wrist) { wristStats = FeatureStats.Create(3); wrist.ForEach(f => wristStats.AddImage(f)); }
-            WriteEpisodeFile(job, taskIndex, frames, job.Wrist ? wrist : null, states, environment, actions, globalIndexStart: 0);
-            return new DemoEpisode(job.EpisodeIndex, job.TaskId, episode.Instruction, taskIndex, layoutSeed, attempt + 1, actions.Count,
-                actions.ToArray(), states.ToArray(), environment.ToArray(), imageStats, wristStats);
+            if (success) return recording.Finish(job, catalogue, episode.Instruction, layoutSeed, attempt + 1, success: true);
         }
         throw new InvalidOperationException($"the scripted expert failed task {job.TaskId} (seed {job.Seed}) {MaxAttempts} times");
     }
@@ -97,33 +82,50 @@ public static class DemoRecorder
         var start = TabletopScene.CubeColours.ToDictionary(c => c, env.CubePosition);
         var expert = new ScriptedExpert(episode);
         driver.BeginEpisode(episode);
-        var frames = new List<byte[]>();
-        var wrist = new List<byte[]>();
-        var states = new List<float[]>();
-        var environment = new List<float[]>();
-        var labels = new List<float[]>();
+        var recording = new Recording(job.Wrist);
         bool success = false;
         for (int step = 0; step < task.MaxSteps && !success; step++)
         {
-            var frame = env.Render();
-            byte[]? wristFrame = job.Wrist ? env.Render(wrist: true) : null;
-            frames.Add(frame);
-            if (wristFrame is not null) wrist.Add(wristFrame);
-            var state = env.State();
-            states.Add(state);
-            environment.Add(env.EnvironmentState());
-            labels.Add(expert.Act(env));
+            var (frame, wristFrame, state) = recording.Observe(env);
+            recording.Actions.Add(expert.Act(env));
             env.Step(driver.Act(frame, wristFrame, env.ImageSize, episode.Instruction, state));
             success = task.IsSuccess(env, episode.Args, start);
         }
-        int taskIndex = catalogue.ToList().IndexOf(episode.Instruction);
-        var imageStats = FeatureStats.Create(3);
-        frames.ForEach(f => imageStats.AddImage(f));
-        FeatureStats? wristStats = null;
-        if (job.Wrist) { wristStats = FeatureStats.Create(3); wrist.ForEach(f => wristStats.AddImage(f)); }
-        WriteEpisodeFile(job, taskIndex, frames, job.Wrist ? wrist : null, states, environment, labels, globalIndexStart: 0);
-        return new DemoEpisode(job.EpisodeIndex, job.TaskId, episode.Instruction, taskIndex, job.Seed, 1, labels.Count,
-            labels.ToArray(), states.ToArray(), environment.ToArray(), imageStats, wristStats, success);
+        return recording.Finish(job, catalogue, episode.Instruction, job.Seed, attempts: 1, success);
+    }
+
+    /// <summary>One episode's columns as they are recorded, and the step that writes them and summarises them.</summary>
+    private sealed class Recording(bool wrist)
+    {
+        private readonly List<byte[]> _frames = [], _wrist = [];
+        private readonly List<float[]> _states = [], _environment = [];
+        public List<float[]> Actions { get; } = [];
+
+        /// <summary>Renders and records the current frame(s) and states (before the step's action).</summary>
+        public (byte[] Frame, byte[]? WristFrame, float[] State) Observe(TabletopEnv env)
+        {
+            var frame = env.Render();
+            byte[]? wristFrame = wrist ? env.Render(wrist: true) : null;
+            var state = env.State();
+            _frames.Add(frame);
+            if (wristFrame is not null) _wrist.Add(wristFrame);
+            _states.Add(state);
+            _environment.Add(env.EnvironmentState());
+            return (frame, wristFrame, state);
+        }
+
+        /// <summary>Writes the episode's parquet file and returns what it adds to the dataset's metadata and statistics.</summary>
+        public DemoEpisode Finish(DemoJob job, IReadOnlyList<string> catalogue, string instruction, int seed, int attempts, bool success)
+        {
+            int taskIndex = catalogue.ToList().IndexOf(instruction);
+            var imageStats = FeatureStats.Create(3);
+            _frames.ForEach(f => imageStats.AddImage(f));
+            FeatureStats? wristStats = null;
+            if (wrist) { wristStats = FeatureStats.Create(3); _wrist.ForEach(f => wristStats.AddImage(f)); }
+            WriteEpisodeFile(job, taskIndex, _frames, wrist ? _wrist : null, _states, _environment, Actions, globalIndexStart: 0);
+            return new DemoEpisode(job.EpisodeIndex, job.TaskId, instruction, taskIndex, seed, attempts, Actions.Count,
+                Actions.ToArray(), _states.ToArray(), _environment.ToArray(), imageStats, wristStats, success);
+        }
     }
 
     private static void WriteEpisodeFile(DemoJob job, int taskIndex, List<byte[]> frames, List<byte[]>? wrist, List<float[]> states,
