@@ -116,7 +116,11 @@ internal static class FineTuneVerbs
     {
         var training = new TrainingOptions();
         var baseDir = new Option<string?>("--base") { Description = "base Hugging Face OpenVLA checkpoint directory (for --full from scratch: a random-weight one from make-checkpoint)" };
-        var dataset = new Option<string?>("--dataset") { Description = "LeRobot v2.1 or RLDS (TFRecord) dataset directory" };
+        var dataset = new Option<string[]>("--dataset")
+        {
+            Description = "LeRobot v2.1 or RLDS (TFRecord) dataset directory; repeat it to train on the union of several of one layout (e.g. demos and DAgger rollouts)",
+            AllowMultipleArgumentsPerToken = false,
+        };
         var datasetConfig = new Option<string?>("--dataset-config") { Description = "per-dataset mapping JSON (keys, gripper convention, normalization mask); default: the layout's defaults" };
         var datasetFormat = new Option<string?>("--dataset-format") { Description = "lerobot or rlds (default: detected)" };
         var outDir = new Option<string?>("--out") { Description = "run directory: step-N/ checkpoints, metrics.jsonl, metrics.png, dataset_statistics.json" };
@@ -170,7 +174,7 @@ internal static class FineTuneVerbs
             }
 
             string basePath = r.GetValue(baseDir) ?? throw new UsageException("--base is required (a Hugging Face OpenVLA checkpoint directory)");
-            string datasetPath = r.GetValue(dataset) ?? throw new UsageException("--dataset is required");
+            string[] datasetPaths = r.GetValue(dataset) is { Length: > 0 } given ? given : throw new UsageException("--dataset is required");
             string runDir = r.GetValue(outDir) ?? throw new UsageException("--out is required");
             if (r.GetValue(shuffle) < 1) throw new UsageException("--shuffle-buffer must be at least 1");
             string? latest = Trainer.LatestCheckpoint(runDir);
@@ -191,7 +195,7 @@ internal static class FineTuneVerbs
             }
             if (options.AuxWeight > 0 && datasetMapping?.AuxKeys is null)
                 throw new UsageException("--aux-weight needs targets: --aux-keys (e.g. observation.state,observation.environment_state) or aux_keys in --dataset-config");
-            using var data = VlaDataset.Open(datasetPath, datasetMapping, r.GetValue(datasetFormat));
+            using var data = VlaDataset.Open(datasetPaths, datasetMapping, r.GetValue(datasetFormat));
             var stats = data.ComputeStatistics();
             var split = data.SplitEpisodes(r.GetValue(heldOut), options.Seed);
             int imageSize = checkpoint.Config.ImageSize;
@@ -203,7 +207,7 @@ internal static class FineTuneVerbs
             var source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
             var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed);
             var statistics = JsonNode.Parse(DatasetStatistics.ToJson([stats]))!.AsObject();
-            Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}): {split.Train.Count} training / {split.HeldOut.Count} held-out episodes, {data.StepCount} steps");
+            Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}{(datasetPaths.Length > 1 ? $", {datasetPaths.Length} datasets" : "")}): {split.Train.Count} training / {split.HeldOut.Count} held-out episodes, {data.StepCount} steps");
 
             using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
             WeightLoader.Load(model, checkpoint, training.Quantization(r));

@@ -54,17 +54,37 @@ public sealed class VlaDataset : IDisposable
     /// <param name="config">null: the defaults of the detected layout. Fields the config leaves out take those defaults.</param>
     /// <param name="format">"lerobot", "rlds" or null to detect.</param>
     /// <param name="progress">Progress lines while RLDS shards are indexed (one read of every shard), e.g. for stderr.</param>
-    public static VlaDataset Open(string path, DatasetConfig? config = null, string? format = null, Action<string>? progress = null)
+    public static VlaDataset Open(string path, DatasetConfig? config = null, string? format = null, Action<string>? progress = null) =>
+        Open([path], config, format, progress);
+
+    /// <summary>
+    /// Several datasets of one layout as one (<see cref="ConcatSource"/>): episodes numbered in the order of
+    /// <paramref name="paths"/>, one config for all, statistics and the held-out split over the union. The name is the
+    /// config's, else the first dataset's; <see cref="Path"/> lists them all, comma-separated.
+    /// </summary>
+    public static VlaDataset Open(IReadOnlyList<string> paths, DatasetConfig? config = null, string? format = null, Action<string>? progress = null)
     {
-        format ??= DatasetFormats.Detect(path);
+        if (paths.Count == 0) throw new DatasetException("no dataset given");
+        var formats = paths.Select(p => format ?? DatasetFormats.Detect(p)).ToList();
+        if (formats.Distinct().Count() > 1)
+            throw new DatasetException($"datasets to combine must have one layout; {string.Join(", ", paths.Select((p, i) => $"{p} is {formats[i]}"))}");
+        format = formats[0];
         if (format is not (DatasetFormats.LeRobot or DatasetFormats.Rlds))
             throw new DatasetException($"unknown dataset format '{format}' (expected {DatasetFormats.LeRobot} or {DatasetFormats.Rlds})");
-        if (!Directory.Exists(path)) throw new DatasetException($"dataset directory not found: {path}");
+        if (paths.FirstOrDefault(p => !Directory.Exists(p)) is { } missing) throw new DatasetException($"dataset directory not found: {missing}");
+        if (paths.Select(p => System.IO.Path.TrimEndingDirectorySeparator(System.IO.Path.GetFullPath(p))).Distinct().Count() < paths.Count)
+            throw new DatasetException($"a dataset is named twice: {string.Join(", ", paths)}");
         var full = (config ?? new DatasetConfig()).WithDefaultsFor(format);
-        full.Validate($"dataset config for {path}");
-        IEpisodeSource source = format == DatasetFormats.LeRobot ? new LeRobotSource(path, full) : new RldsSource(path, full, progress);
-        try { return new VlaDataset(path, source, full); }
-        catch { source.Dispose(); throw; }
+        full.Validate($"dataset config for {paths[0]}");
+        var sources = new List<IEpisodeSource>();
+        try
+        {
+            foreach (var path in paths)
+                sources.Add(format == DatasetFormats.LeRobot ? new LeRobotSource(path, full) : new RldsSource(path, full, progress));
+            IEpisodeSource source = sources.Count == 1 ? sources[0] : new ConcatSource(sources);
+            return new VlaDataset(string.Join(",", paths), source, full);
+        }
+        catch { sources.ForEach(s => s.Dispose()); throw; }
     }
 
     /// <summary>An episode in OpenVLA's convention; without images only actions, proprio and instructions are read.</summary>

@@ -72,7 +72,7 @@ public static class DemoRecorder
 
     /// <summary>
     /// DAgger: the driver acts, the clean expert labels every state the driver reaches (its phase follows that state, as
-    /// in eval --diagnose), and the episode is kept whether or not it succeeds, since its failures are the states the
+    /// in eval --diagnose; the push phase is derived from each state afresh, see <see cref="ScriptedExpert"/>), and the episode is kept whether or not it succeeds, since its failures are the states the
     /// demonstrations never showed. One attempt, the job's own layout, the evaluator's settling steps.
     /// </summary>
     private static DemoEpisode RecordDriven(DemoJob job, TabletopEnv env, IDemoDriver driver, TabletopTask task, IReadOnlyList<string> catalogue)
@@ -80,7 +80,7 @@ public static class DemoRecorder
         var episode = task.Sample(job.Seed);
         env.Reset(episode.Layout, DrivenSettleSteps);
         var start = TabletopScene.CubeColours.ToDictionary(c => c, env.CubePosition);
-        var expert = new ScriptedExpert(episode);
+        var expert = new ScriptedExpert(episode, pushPhaseFromState: true);
         driver.BeginEpisode(episode);
         var recording = new Recording(job.Wrist);
         bool success = false;

@@ -23,6 +23,8 @@ public sealed class ScriptedExpert
     private enum Phase { Approach, Descend, Close, Lift, Carry, Lower, Open, Retreat, Done, PushApproach, PushLower, Push }
 
     private const double Step = 0.02, CarryZ = 0.16, Half = TabletopScene.CubeHalfSize;
+    /// <summary>Push: the fingers' distance behind the cube's centre at contact, and their height.</summary>
+    private const double Contact = Half + 0.013, PushZ = 0.012;
     /// <summary>Finger opening below which the fingers rest on a cube (its width plus 5 mm): the grasp is closed.</summary>
     public const double GrippedWidth = 2 * Half + 0.005;
     private readonly EpisodeSpec _episode;
@@ -34,10 +36,19 @@ public sealed class ScriptedExpert
     private Vec3? _sideDestination;
     private int _detourAt = -1, _step, _earlyCloseLeft, _reopenLeft;
     private bool _earlyClosePending;
+    private readonly bool _pushPhaseFromState;
 
-    public ScriptedExpert(EpisodeSpec episode, ExpertNoise? noise = null, int noiseSeed = 0)
+    /// <param name="pushPhaseFromState">
+    /// Derive the push phase from the current state at every step instead of from the phases before it. A labeller of
+    /// states a learned policy reached (DAgger) needs this: with hysteresis, a hand that came down beside the cube by
+    /// another path is still "approaching", and its label (rise and fly over) contradicts the demonstrations' label for
+    /// the same frame (push on). Pick-and-place phases always follow history (their <c>holding</c> test already reads the
+    /// state).
+    /// </param>
+    public ScriptedExpert(EpisodeSpec episode, ExpertNoise? noise = null, int noiseSeed = 0, bool pushPhaseFromState = false)
     {
         _episode = episode;
+        _pushPhaseFromState = pushPhaseFromState;
         _noise = noise;
         _rng = new Random(noiseSeed);
         _phase = episode.TaskId == "push_to_target" ? Phase.PushApproach : Phase.Approach;
@@ -219,8 +230,12 @@ public sealed class ScriptedExpert
         var toTarget = new Vec3(target.X - cube.X, target.Y - cube.Y, 0);
         double remaining = toTarget.Length;
         var dir = remaining > 1e-6 ? toTarget * (1 / remaining) : new Vec3(1, 0, 0);
-        const double Contact = Half + 0.013, PushZ = 0.012;
         var behind = new Vec3(cube.X - dir.X * (Contact + 0.02), cube.Y - dir.Y * (Contact + 0.02), PushZ);
+        if (_pushPhaseFromState && _phase is Phase.PushApproach or Phase.PushLower or Phase.Push)
+        {
+            var phase = PushPhaseOf(tcp, cube, dir, behind);
+            if (phase != _phase) Enter(phase);
+        }
         _phaseSteps++;
         switch (_phase)
         {
@@ -251,5 +266,20 @@ public sealed class ScriptedExpert
             default:
                 return (tcp, 0);
         }
+    }
+
+    /// <summary>
+    /// The push phase a state is in, whatever came before: pushing when the closed fingers are at push height on the line
+    /// behind the cube (the tests <see cref="Phase.Push"/> keeps), lowering when above the point behind it (halfway between
+    /// the 1 cm at which the approach hands over and the 2 cm at which lowering gives up), else approaching.
+    /// </summary>
+    private static Phase PushPhaseOf(Vec3 tcp, Vec3 cube, Vec3 dir, Vec3 behind)
+    {
+        var rel = new Vec3(tcp.X - cube.X, tcp.Y - cube.Y, 0);
+        double along = rel.X * dir.X + rel.Y * dir.Y;
+        double lateral = Math.Abs(rel.X * dir.Y - rel.Y * dir.X);
+        bool onLine = lateral <= 0.014 && along <= -Half && along >= -(Contact + 0.03);
+        if (onLine && Math.Abs(tcp.Z - PushZ) < 0.006) return Phase.Push;
+        return tcp.HorizontalDistance(behind) < 0.015 ? Phase.PushLower : Phase.PushApproach;
     }
 }

@@ -131,6 +131,48 @@ public sealed class TabletopTaskTests
     }
 
     [Fact]
+    public void A_push_labeller_reads_its_phase_from_the_state_and_still_completes_the_push()
+    {
+        // DAgger labels states a policy reached by its own path. A hand already low on the line behind the cube must be
+        // told to push on, as the demonstrations say in that frame, not to fly back up to where the approach starts.
+        using var env = new TabletopEnv(imageSize: 32);
+        var episode = TabletopTasks.Get("push_to_target").Sample(TabletopTasks.EpisodeSeed(7, "push_to_target", 0));
+        var driver = new ScriptedExpert(episode);
+        ScriptedExpert? fromState = null, fromHistory = null;
+        float[]? stateLabel = null, historyLabel = null;
+        Vec3 toTarget = default;
+        int pushing = 0;
+        Run(env, episode, () =>
+        {
+            var a = driver.Act(env);
+            // A few steps into the push, when the fingers touch the cube (2 cm ahead of where the lowering ends).
+            if (fromState is null && driver.PhaseName == "Push" && ++pushing == 4)
+            {
+                fromState = new ScriptedExpert(episode, pushPhaseFromState: true);
+                fromHistory = new ScriptedExpert(episode);
+                stateLabel = fromState.Act(env);
+                historyLabel = fromHistory.Act(env);
+                var cube = env.CubePosition(episode.Args.Cube);
+                toTarget = env.TargetPosition(episode.Args.Other!) - cube;
+            }
+            return a;
+        });
+        Assert.NotNull(fromState);
+        Assert.Equal("Push", fromState!.PhaseName);
+        Assert.True(stateLabel![0] * toTarget.X + stateLabel[1] * toTarget.Y > 0, "the label pushes towards the target");
+        Assert.InRange(stateLabel[2], -0.006f, 0.006f);
+        Assert.Equal("PushApproach", fromHistory!.PhaseName);
+        Assert.True(historyLabel![2] > 0.01f, "with hysteresis the same state is labelled as an approach: rise");
+
+        foreach (int trial in new[] { 0, 1, 2 })
+        {
+            var ep = TabletopTasks.Get("push_to_target").Sample(TabletopTasks.EpisodeSeed(7, "push_to_target", trial));
+            var expert = new ScriptedExpert(ep, pushPhaseFromState: true);
+            Assert.True(Run(env, ep, () => expert.Act(env)).Success, $"trial {trial} failed in phase {expert.PhaseName}");
+        }
+    }
+
+    [Fact]
     public void Expert_labels_are_the_clean_command_while_the_noisy_one_is_executed()
     {
         using var env = new TabletopEnv(imageSize: 32);

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using OpenVLA.FineTune.Data;
 using OpenVLA.Policy.Checkpoint;
 using OpenVLA.Tests.FineTune;
 using TorchSharp;
@@ -101,5 +102,27 @@ public class FineTuneCommandTests
         var log = File.ReadAllLines(Path.Combine(tmp["run"], "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).ToList();
         Assert.All(log, e => Assert.True(e["aux_loss"]!.GetValue<double>() >= 0));
         Assert.True(File.Exists(Path.Combine(tmp["run"], "step-0000004", "training_state", "aux_head.safetensors")));
+    }
+
+    [Fact]
+    public void RepeatedDatasetsTrainOnTheirUnionAndMixedLayoutsAreRefused()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp["base"], "tiny", 3, torch.ScalarType.Float32);
+        TestDatasets.WriteLeRobot(tmp["demos"], [6, 6, 6]);
+        TestDatasets.WriteLeRobot(tmp["dagger"], [5, 5]);
+        string[] common = ["finetune", "--base", tmp["base"], "--full", "--batch-size", "2", "--max-steps", "1",
+            "--eval-steps", "1", "--save-steps", "1", "--held-out-fraction", "0.2", "--shuffle-buffer", "8", "--threads", "1"];
+
+        var run = CliRunner.Run([.. common, "--out", tmp["run"], "--dataset", tmp["demos"], "--dataset", tmp["dagger"]]);
+        Assert.True(run.ExitCode == 0, run.Stderr);
+        Assert.Contains("finetune: demos (lerobot, 2 datasets): 4 training / 1 held-out episodes, 28 steps", run.Stderr);
+        var stats = JsonNode.Parse(File.ReadAllText(Path.Combine(tmp["run"], "dataset_statistics.json")))!;
+        Assert.Equal(28, stats["demos"]!["num_transitions"]!.GetValue<long>());
+
+        RldsWriter.WriteDataset(tmp["oxe"], "oxe", TestDatasets.RldsEpisodes([2]));
+        var mixed = CliRunner.Run([.. common, "--out", tmp["run2"], "--dataset", tmp["demos"], "--dataset", tmp["oxe"]]);
+        Assert.Equal(2, mixed.ExitCode);
+        Assert.True(mixed.Stderr.Contains($"datasets to combine must have one layout; {tmp["demos"]} is lerobot, {tmp["oxe"]} is rlds"), mixed.Stderr);
     }
 }
