@@ -87,10 +87,11 @@ internal static class QuantizationVerbs
         var instructions = new Option<string[]>("--instruction") { Description = "instruction(s) to pair with every frame", Required = true, AllowMultipleArgumentsPerToken = true };
         var unnormKey = new Option<string?>("--unnorm-key") { Description = "dataset statistics to un-normalize with" };
         var groupSize = new Option<int>("--group-size") { Description = "int4 group size", DefaultValueFactory = _ => 128 };
+        var keepVision = new Option<bool>("--keep-vision-float") { Description = "quantize the language model and projector only, as serve --keep-vision-float" };
         var limit = new Option<int>("--limit") { Description = "at most this many frames", DefaultValueFactory = _ => 100 };
         var json = new Option<bool>("--json") { Description = "print one JSON object" };
         var cmd = new Command("fidelity", "Run the same observations through f32, bf16, int8 and int4 and compare tokens and actions with bf16.")
-            { checkpoint, images, instructions, unnormKey, groupSize, limit, json };
+            { checkpoint, images, instructions, unnormKey, groupSize, keepVision, limit, json };
         cmd.SetAction(r =>
         {
             var dir = r.GetValue(images)!;
@@ -100,12 +101,17 @@ internal static class QuantizationVerbs
                 .Order(StringComparer.Ordinal).Take(r.GetValue(limit)).ToList();
             if (files.Count == 0) throw new UsageException($"no PNG/JPEG frames in '{dir}'");
             var observations = files.SelectMany(f => r.GetValue(instructions)!.Select(i => new VlaObservation([ImageDecoder.Load(f)], i, r.GetValue(unnormKey)))).ToList();
+            bool vision = !r.GetValue(keepVision);
+            string suffix = vision ? "" : "-lm";
+            // Greedy whatever the checkpoint's generation_config.json says: sampled tokens would differ by chance, and this
+            // compares the numerics.
+            var greedy = new PolicyOptions { Decoding = "greedy" };
             var variants = new (string Name, PolicyOptions Options)[]
             {
-                ("f32", new PolicyOptions { DType = "f32" }),
-                ("bf16", new PolicyOptions { DType = "bf16" }),
-                ("int8", new PolicyOptions { Quantize = "int8" }),
-                ($"int4-g{r.GetValue(groupSize)}", new PolicyOptions { Quantize = "int4", GroupSize = r.GetValue(groupSize) }),
+                ("f32", greedy with { DType = "f32" }),
+                ("bf16", greedy with { DType = "bf16" }),
+                ("int8" + suffix, greedy with { Quantize = "int8", QuantizeVision = vision }),
+                ($"int4-g{r.GetValue(groupSize)}{suffix}", greedy with { Quantize = "int4", GroupSize = r.GetValue(groupSize), QuantizeVision = vision }),
             };
             var results = new Dictionary<string, List<ActionPrediction>>();
             using (var progress = new ConsoleProgress("fidelity"))
@@ -127,9 +133,9 @@ internal static class QuantizationVerbs
             else
             {
                 Console.WriteLine($"{observations.Count} observations ({files.Count} frames x {r.GetValue(instructions)!.Length} instructions), compared with bf16:");
-                Console.WriteLine($"{"variant",-10} {"token agreement",16} {"max |Δa|",10} {"mean |Δa|",10}");
+                Console.WriteLine($"{"variant",-13} {"token agreement",16} {"max |Δa|",10} {"mean |Δa|",10}");
                 foreach (var (name, v) in report)
-                    Console.WriteLine($"{name,-10} {v!["token_agreement"]!.GetValue<double>(),15:P2} {v["max_abs_action_diff"]!.GetValue<double>(),10:0.00000} {v["mean_abs_action_diff"]!.GetValue<double>(),10:0.00000}");
+                    Console.WriteLine($"{name,-13} {v!["token_agreement"]!.GetValue<double>(),15:P2} {v["max_abs_action_diff"]!.GetValue<double>(),10:0.00000} {v["mean_abs_action_diff"]!.GetValue<double>(),10:0.00000}");
             }
             return CliExit.Ok;
         });
