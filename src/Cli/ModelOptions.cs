@@ -10,6 +10,10 @@ internal sealed class ModelOptions
     public Option<string> Quantize { get; } = new("--quantize") { Description = "weight-only quantization at load: none, int8, int4", DefaultValueFactory = _ => "none" };
     public Option<int> GroupSize { get; } = new("--group-size") { Description = "int4 group size: 32, 64, 128 or 256", DefaultValueFactory = _ => 128 };
     public Option<bool> KeepVisionFloat { get; } = new("--keep-vision-float") { Description = "do not quantize the vision towers" };
+    public Option<bool> Int4MinMax { get; } = new("--int4-minmax")
+    {
+        Description = "int4: take each group's min–max range instead of searching the least-error one (13x faster to quantize, less accurate; for loading large models on CPU)",
+    };
     public Option<string> Device { get; } = new("--device") { Description = "TorchSharp device (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
     public Option<int?> Threads { get; } = new("--threads") { Description = "CPU threads (default: one per core)" };
     public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT LoRA adapter directory (from finetune) merged into the checkpoint at load" };
@@ -20,7 +24,7 @@ internal sealed class ModelOptions
 
     public void AddTo(Command command)
     {
-        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Device, Threads, Adapter, Decode }) command.Options.Add(o);
+        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Int4MinMax, Device, Threads, Adapter, Decode }) command.Options.Add(o);
     }
 
     public PolicyOptions Read(ParseResult r, bool centerCrop = false)
@@ -28,7 +32,7 @@ internal sealed class ModelOptions
         var options = new PolicyOptions
         {
             DType = r.GetValue(DType), Quantize = r.GetValue(Quantize)!, GroupSize = r.GetValue(GroupSize),
-            QuantizeVision = !r.GetValue(KeepVisionFloat), Device = r.GetValue(Device)!, Threads = r.GetValue(Threads), CenterCrop = centerCrop,
+            QuantizeVision = !r.GetValue(KeepVisionFloat), Int4RangeSearch = !r.GetValue(Int4MinMax), Device = r.GetValue(Device)!, Threads = r.GetValue(Threads), CenterCrop = centerCrop,
             Adapter = r.GetValue(Adapter), Decoding = r.GetValue(Decode),
         };
         if (options.Threads is <= 0) throw new UsageException("--threads must be positive");

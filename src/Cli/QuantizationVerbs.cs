@@ -67,11 +67,12 @@ internal static class QuantizationVerbs
         var mode = new Option<string>("--mode") { Description = "int8 or int4", Required = true };
         var groupSize = new Option<int>("--group-size") { Description = "int4 group size: 32, 64, 128 or 256", DefaultValueFactory = _ => 128 };
         var keepVision = new Option<bool>("--keep-vision-float") { Description = "leave the vision towers unquantized" };
+        var minMax = new Option<bool>("--int4-minmax") { Description = "int4: each group's min–max range instead of the least-error one (13x faster, less accurate)" };
         var cmd = new Command("quantize", "Write a pre-quantized copy of a checkpoint (loads without materialising float weights).")
-            { checkpoint, outDir, mode, groupSize, keepVision };
+            { checkpoint, outDir, mode, groupSize, keepVision, minMax };
         cmd.SetAction(r =>
         {
-            var options = QuantizationOptions.Parse(r.GetValue(mode)!, r.GetValue(groupSize), !r.GetValue(keepVision));
+            var options = QuantizationOptions.Parse(r.GetValue(mode)!, r.GetValue(groupSize), !r.GetValue(keepVision), !r.GetValue(minMax));
             using var progress = new ConsoleProgress($"quantize {options.Name}");
             QuantizedCheckpointWriter.Write(r.GetValue(checkpoint)!, r.GetValue(outDir)!, options, progress);
             Console.WriteLine(Path.GetFullPath(r.GetValue(outDir)!));
@@ -90,7 +91,7 @@ internal static class QuantizationVerbs
         var keepVision = new Option<bool>("--keep-vision-float") { Description = "quantize the language model and projector only, as serve --keep-vision-float" };
         var limit = new Option<int>("--limit") { Description = "at most this many frames", DefaultValueFactory = _ => 100 };
         var json = new Option<bool>("--json") { Description = "print one JSON object" };
-        var cmd = new Command("fidelity", "Run the same observations through f32, bf16, int8 and int4 and compare tokens and actions with bf16.")
+        var cmd = new Command("fidelity", "Run the same observations through f32, bf16, int8 and int4 (searched and min–max ranges) and compare tokens and actions with bf16.")
             { checkpoint, images, instructions, unnormKey, groupSize, keepVision, limit, json };
         cmd.SetAction(r =>
         {
@@ -112,6 +113,7 @@ internal static class QuantizationVerbs
                 ("bf16", greedy with { DType = "bf16" }),
                 ("int8" + suffix, greedy with { Quantize = "int8", QuantizeVision = vision }),
                 ($"int4-g{r.GetValue(groupSize)}{suffix}", greedy with { Quantize = "int4", GroupSize = r.GetValue(groupSize), QuantizeVision = vision }),
+                ($"int4-g{r.GetValue(groupSize)}-minmax{suffix}", greedy with { Quantize = "int4", GroupSize = r.GetValue(groupSize), QuantizeVision = vision, Int4RangeSearch = false }),
             };
             var results = new Dictionary<string, List<ActionPrediction>>();
             using (var progress = new ConsoleProgress("fidelity"))
@@ -133,9 +135,9 @@ internal static class QuantizationVerbs
             else
             {
                 Console.WriteLine($"{observations.Count} observations ({files.Count} frames x {r.GetValue(instructions)!.Length} instructions), compared with bf16:");
-                Console.WriteLine($"{"variant",-13} {"token agreement",16} {"max |Δa|",10} {"mean |Δa|",10}");
+                Console.WriteLine($"{"variant",-20} {"token agreement",16} {"max |Δa|",10} {"mean |Δa|",10}");
                 foreach (var (name, v) in report)
-                    Console.WriteLine($"{name,-13} {v!["token_agreement"]!.GetValue<double>(),15:P2} {v["max_abs_action_diff"]!.GetValue<double>(),10:0.00000} {v["mean_abs_action_diff"]!.GetValue<double>(),10:0.00000}");
+                    Console.WriteLine($"{name,-20} {v!["token_agreement"]!.GetValue<double>(),15:P2} {v["max_abs_action_diff"]!.GetValue<double>(),10:0.00000} {v["mean_abs_action_diff"]!.GetValue<double>(),10:0.00000}");
             }
             return CliExit.Ok;
         });

@@ -23,6 +23,8 @@ public sealed record PolicyOptions
     public int GroupSize { get; init; } = 128;
     /// <summary>Quantize the vision towers too (default) or keep them in the compute precision.</summary>
     public bool QuantizeVision { get; init; } = true;
+    /// <summary>int4: search each group's range (default) or take its min–max; see <see cref="Quantization.QuantizationOptions.SearchRange"/>.</summary>
+    public bool Int4RangeSearch { get; init; } = true;
     /// <summary>Evaluation-time center crop (area 0.9, resized back) for checkpoints trained with image augmentation.</summary>
     public bool CenterCrop { get; init; }
     /// <summary>Intra-op threads for CPU inference; null keeps TorchSharp's default (one per core).</summary>
@@ -37,7 +39,7 @@ public sealed record PolicyOptions
     /// <summary>The parsed <see cref="Decoding"/> (null when the checkpoint decides).</summary>
     public ActionDecoding? ActionDecoding => Decoding is null ? null : OpenVLA.Policy.ActionDecoding.Parse(Decoding);
 
-    public Quantization.QuantizationOptions Quantization => OpenVLA.Policy.Quantization.QuantizationOptions.Parse(Quantize, GroupSize, QuantizeVision);
+    public Quantization.QuantizationOptions Quantization => OpenVLA.Policy.Quantization.QuantizationOptions.Parse(Quantize, GroupSize, QuantizeVision, Int4RangeSearch);
 
     public ScalarType ScalarType => DType switch
     {

@@ -23,7 +23,8 @@ public static class WeightLoader
         var quantized = new Dictionary<string, Linear>();
         var stored = checkpoint.Config.StoredQuantization;
         var quant = stored ?? quantization ?? QuantizationOptions.None;
-        if (stored is not null && quantization is not null && quantization.Mode != QuantMode.None && quantization != stored)
+        if (stored is not null && quantization is not null && quantization.Mode != QuantMode.None
+            && quantization with { SearchRange = stored.SearchRange } != stored)   // how ranges were found is not stored
             throw new CheckpointException($"{checkpoint.Directory}: the checkpoint is pre-quantized as {stored.Name}; load it without --quantize or with --quantize {stored.Name.Split('-')[0]}");
         if (quant.Mode != QuantMode.None)
             foreach (var (name, module) in model.named_modules())

@@ -65,7 +65,7 @@ public static class QuantizedCheckpointWriter
                 PortableQuantized? cached = null;
                 PortableQuantized Quantized()
                 {
-                    if (cached is null) { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.ModeFor(n, k), options.GroupSize); }
+                    if (cached is null) { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.ModeFor(n, k), options.GroupSize, options.SearchRange); }
                     return cached;
                 }
                 if (options.ModeFor(n, k) == QuantMode.Int8)

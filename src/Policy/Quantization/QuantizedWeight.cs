@@ -35,7 +35,7 @@ public sealed class QuantizedWeight : IDisposable
     public static QuantizedWeight Quantize(Tensor weight, QuantizationOptions options)
     {
         using var scope = NewDisposeScope();
-        var parts = WeightQuantizer.Quantize(weight, options.ModeFor(weight.shape[0], weight.shape[1]), options.GroupSize);
+        var parts = WeightQuantizer.Quantize(weight, options.ModeFor(weight.shape[0], weight.shape[1]), options.GroupSize, options.SearchRange);
         return FromPortable(parts, weight.device);
     }
 

@@ -13,7 +13,9 @@ public sealed record PortableQuantized(QuantMode Mode, long OutFeatures, long In
 
 public static class WeightQuantizer
 {
-    public static PortableQuantized Quantize(Tensor weight, QuantMode mode, int groupSize)
+    /// <param name="searchRange">int4: the least-squared-error range of <see cref="ClipSearch"/> per group (default), or
+    /// the group's min–max (13× faster).</param>
+    public static PortableQuantized Quantize(Tensor weight, QuantMode mode, int groupSize, bool searchRange = true)
     {
         using var scope = NewDisposeScope();
         long n = weight.shape[0], k = weight.shape[1];
@@ -28,15 +30,62 @@ public static class WeightQuantizer
         }
         if (mode != QuantMode.Int4) throw new ArgumentException("nothing to quantize for mode None");
         if (k % groupSize != 0) throw new PolicyInputException($"int4 group size {groupSize} does not divide the input width {k}");
-        // Asymmetric per group: the group's [min, max] spans 16 levels; zero is the value of level 8 (the kernel's offset).
-        var g = w.view(n, k / groupSize, groupSize);
+        // Asymmetric per group: 16 levels span the group's range; zero is the value of level 8 (the kernel's offset). The
+        // range is the group's [min, max] scaled towards 0 by the factor of ClipSearch with the least squared error.
+        var qs = new List<Tensor>();
+        var scales = new List<Tensor>();
+        var zeros = new List<Tensor>();
+        for (long row = 0; row < n; row += RowsPerChunk)
+        {
+            using var chunkScope = NewDisposeScope();
+            long rows = Math.Min(RowsPerChunk, n - row);
+            var g = w.narrow(0, row, rows).view(rows, k / groupSize, groupSize);
+            var (q, scale, zero) = Int4Groups(g, searchRange ? ClipSearch : ClipSearch[..1]);
+            qs.Add(q.view(rows, k).MoveToOuterDisposeScope());
+            scales.Add(scale.MoveToOuterDisposeScope());
+            zeros.Add(zero.MoveToOuterDisposeScope());
+        }
+        var q4 = cat(qs, 0).to(ScalarType.Byte);
+        return Keep(new PortableQuantized(mode, n, k, groupSize, PackNibbles(q4), cat(scales, 0).to(ScalarType.BFloat16), cat(zeros, 0).to(ScalarType.BFloat16)));
+    }
+
+    /// <summary>
+    /// Factors the int4 range search tries on each group's [min, max]: 1 (min–max, which loses no value to clipping) down
+    /// to 0.7 in steps of 0.03. Clipping the few extreme weights of a group buys finer levels for all the others; on the
+    /// default model's language model this cut the mean action error against bf16 by 42% (docs/benchmarks.md).
+    /// </summary>
+    public static readonly double[] ClipSearch = Enumerable.Range(0, 11).Select(i => 1 - 0.03 * i).ToArray();
+
+    /// <summary>Rows quantized at a time, bounding the search's float32 temporaries (a few copies of this many rows).</summary>
+    const long RowsPerChunk = 1024;
+
+    /// <summary>Levels, scale and zero for groups g [rows, groups, size], with the least-squared-error range of the factors.</summary>
+    static (Tensor Q, Tensor Scale, Tensor Zero) Int4Groups(Tensor g, double[] factors)
+    {
         var min = g.amin([2]);
         var max = g.amax([2]);
-        // The scale is rounded to bf16 first so the levels computed here are the ones the kernel will reconstruct.
-        var scale = ((max - min) / 15).clamp_min(1e-12).to(ScalarType.BFloat16).to(ScalarType.Float32);
-        var zero = (min + 8 * scale).to(ScalarType.BFloat16).to(ScalarType.Float32);
-        var q4 = ((g - zero.unsqueeze(2)) / scale.unsqueeze(2) + 8).round().clamp(0, 15).to(ScalarType.Byte).view(n, k);
-        return Keep(new PortableQuantized(mode, n, k, groupSize, PackNibbles(q4), scale.to(ScalarType.BFloat16), zero.to(ScalarType.BFloat16)));
+        (Tensor Q, Tensor Scale, Tensor Zero, Tensor Error) Try(double factor)
+        {
+            // The scale and zero are rounded to bf16 first so the levels computed here are the ones the kernel reconstructs.
+            var scale = ((max - min) * factor / 15).clamp_min(1e-12).to(ScalarType.BFloat16).to(ScalarType.Float32);
+            var zero = (min * factor + 8 * scale).to(ScalarType.BFloat16).to(ScalarType.Float32);
+            var q = ((g - zero.unsqueeze(2)) / scale.unsqueeze(2) + 8).round().clamp(0, 15);
+            var error = ((q - 8) * scale.unsqueeze(2) + zero.unsqueeze(2) - g).square().sum([2]);
+            return (q, scale, zero, error);
+        }
+        var best = Try(factors[0]);
+        foreach (double factor in factors.Skip(1))
+        {
+            // One candidate's temporaries at a time: the kept four tensors move out of the scope, the rest are freed.
+            using var scope = NewDisposeScope();
+            var c = Try(factor);
+            var better = c.Error < best.Error;   // strictly: ties keep the wider range
+            var next = (where(better.unsqueeze(2), c.Q, best.Q).MoveToOuterDisposeScope(), where(better, c.Scale, best.Scale).MoveToOuterDisposeScope(),
+                where(better, c.Zero, best.Zero).MoveToOuterDisposeScope(), where(better, c.Error, best.Error).MoveToOuterDisposeScope());
+            best.Q.Dispose(); best.Scale.Dispose(); best.Zero.Dispose(); best.Error.Dispose();
+            best = next;
+        }
+        return (best.Q, best.Scale, best.Zero);
     }
 
     static PortableQuantized Keep(PortableQuantized p)

@@ -22,13 +22,13 @@ public sealed class FidelityCommandTests
         var full = CliRunner.Run("fidelity", "--checkpoint", tmp["ckpt"], "--images", tmp["frames"], "--instruction", "pick up the cup", "--unnorm-key", "bridge_orig", "--json");
         Assert.True(full.ExitCode == 0, full.Stderr);
         var report = JsonNode.Parse(full.Stdout)!.AsObject();
-        Assert.Equal(["f32", "bf16", "int8", "int4-g128"], report.Select(kv => kv.Key));
+        Assert.Equal(["f32", "bf16", "int8", "int4-g128", "int4-g128-minmax"], report.Select(kv => kv.Key));
         Assert.Equal(1.0, report["bf16"]!["token_agreement"]!.GetValue<double>());
         Assert.Equal(3, report["int8"]!["observations"]!.GetValue<int>());
 
         var lm = CliRunner.Run("fidelity", "--checkpoint", tmp["ckpt"], "--images", tmp["frames"], "--instruction", "pick up the cup",
             "--unnorm-key", "bridge_orig", "--keep-vision-float", "--group-size", "32", "--json");
         Assert.True(lm.ExitCode == 0, lm.Stderr);
-        Assert.Equal(["f32", "bf16", "int8-lm", "int4-g32-lm"], JsonNode.Parse(lm.Stdout)!.AsObject().Select(kv => kv.Key));
+        Assert.Equal(["f32", "bf16", "int8-lm", "int4-g32-lm", "int4-g32-minmax-lm"], JsonNode.Parse(lm.Stdout)!.AsObject().Select(kv => kv.Key));
     }
 }

@@ -27,17 +27,37 @@ public class QuantizationTests
     [InlineData(32)]
     [InlineData(64)]
     [InlineData(128)]
-    public void Int4RoundTripErrorIsAtMostHalfAStepPerGroup(int groupSize)
+    public void Int4ErrorIsHalfAStepInsideTheRangeAndNoWorseThanMinMaxPerGroup(int groupSize)
     {
         var w = randn(48, 256, generator: new Generator(2)) * 0.05 + 0.01;
         var q = WeightQuantizer.Quantize(w, QuantMode.Int4, groupSize);
         Assert.Equal([48L, 128L], q.Q.shape); // two 4-bit values per byte
         Assert.Equal([48L, 256L / groupSize], q.Scale.shape);
-        var err = (WeightQuantizer.Dequantize(q) - w).abs().view(48, -1, groupSize);
+        var g = w.view(48, -1, groupSize);
+        var err = (WeightQuantizer.Dequantize(q).view(48, -1, groupSize) - g).abs();
         var scale = q.Scale.to(ScalarType.Float32).unsqueeze(2);
-        var zero = q.Zero!.to(ScalarType.Float32).abs().unsqueeze(2);
-        // Half a level, plus the bf16 rounding of the stored zero point (|zero|·2⁻⁸).
-        Assert.True((err <= scale * 0.5 + zero / 256 + 1e-6).all().item<bool>(), $"max err/step {(err / scale).max().item<float>()}");
+        var zero = q.Zero!.to(ScalarType.Float32).unsqueeze(2);
+        // Inside the chosen range (levels 0..15 around zero = level 8): half a level, plus the bf16 rounding of the stored
+        // zero point (|zero|·2⁻⁸). Outside it the weight is clipped to the end level.
+        var inside = (g >= zero - 8 * scale) & (g <= zero + 7 * scale);
+        var bound = scale * 0.5 + zero.abs() / 256 + 1e-6;
+        Assert.True((err <= bound).logical_or(inside.logical_not()).all().item<bool>(), $"max err/step {(err / scale).max().item<float>()}");
+        var clippedBound = (g - (zero + 7 * scale)).clamp_min(0) + (zero - 8 * scale - g).clamp_min(0) + bound;
+        Assert.True((err <= clippedBound).all().item<bool>());
+
+        // The min–max range by hand: no group's squared error may exceed it (the search starts from it).
+        var min = g.amin([2], keepdim: true);
+        var mmScale = ((g.amax([2], keepdim: true) - min) / 15).to(ScalarType.BFloat16).to(ScalarType.Float32);
+        var mmZero = (min + 8 * mmScale).to(ScalarType.BFloat16).to(ScalarType.Float32);
+        var mm = ((g - mmZero) / mmScale + 8).round().clamp(0, 15);
+        var mmErr = ((mm - 8) * mmScale + mmZero - g).square().sum([2]);
+        var searchErr = err.square().sum([2]);
+        Assert.True((searchErr <= mmErr * (1 + 1e-5) + 1e-12).all().item<bool>());
+        Assert.True(searchErr.sum().item<float>() < 0.95f * mmErr.sum().item<float>(), "Gaussian groups gain from clipping their extremes");
+
+        // Without the search, the levels are min–max's exactly.
+        var plain = WeightQuantizer.Quantize(w, QuantMode.Int4, groupSize, searchRange: false);
+        Assert.True(Tensors.Identical(((mm - 8) * mmScale + mmZero).view(48, 256), WeightQuantizer.Dequantize(plain)));
     }
 
     [Fact]
@@ -178,6 +198,9 @@ public class QuantizationTests
 
         var e = Assert.Throws<CheckpointException>(() => VlaPolicy.Load(dst.Path, new PolicyOptions { Quantize = mode == "int8" ? "int4" : "int8", GroupSize = 32 }));
         Assert.Contains("pre-quantized", e.Message);
+        // How the ranges were found is not stored, so asking for min–max ranges does not refuse a stored checkpoint.
+        using var minMax = VlaPolicy.Load(dst.Path, new PolicyOptions { Quantize = mode, GroupSize = 32, Int4RangeSearch = false });
+        Assert.Equal(options.Name, minMax.Description.Quantization);
     }
 
     [Fact]
