@@ -32,7 +32,10 @@ public interface IDemoDriver : IDisposable
 /// </summary>
 public static class DemoRecorder
 {
-    public const int MaxAttempts = 6;
+    /// <summary>Attempts per episode: two on the job's layout (only the noise changes), then fresh layouts. A noisy expert
+    /// (e.g. --noise 0.01 on push) fails a layout often enough that a few attempts would abort a long run: one episode in
+    /// ~1,000 exhausted 6 of them.</summary>
+    public const int MaxAttempts = 20;
 
     /// <summary>Settling steps before a driven episode's first action: the evaluator's protocol, so the driven states are
     /// the ones evaluation visits.</summary>
@@ -67,7 +70,8 @@ public static class DemoRecorder
             }
             if (success) return recording.Finish(job, catalogue, episode.Instruction, layoutSeed, attempt + 1, success: true);
         }
-        throw new InvalidOperationException($"the scripted expert failed task {job.TaskId} (seed {job.Seed}) {MaxAttempts} times");
+        throw new InvalidOperationException($"the scripted expert failed task {job.TaskId} (seed {job.Seed}) {MaxAttempts} times" +
+            (job.Noise > 0 ? $" at --noise {job.Noise}; lower the noise" : ""));
     }
 
     /// <summary>
