@@ -252,10 +252,7 @@ public sealed class ScriptedExpert
             case Phase.Push:
             {
                 if (remaining < 0.008) { Enter(Phase.Retreat); return (tcp, 0); }
-                var rel = new Vec3(tcp.X - cube.X, tcp.Y - cube.Y, 0);
-                double along = rel.X * dir.X + rel.Y * dir.Y;
-                double lateral = Math.Abs(rel.X * dir.Y - rel.Y * dir.X);
-                if (lateral > 0.014 || along > -Half) { Enter(Phase.PushApproach); return (tcp with { Z = 0.09 }, 0); }
+                if (!BehindOnLine(tcp, cube, dir)) { Enter(Phase.PushApproach); return (tcp with { Z = 0.09 }, 0); }
                 double advance = Math.Min(0.01, remaining);
                 var goal = new Vec3(cube.X - dir.X * (Contact - advance), cube.Y - dir.Y * (Contact - advance), PushZ);
                 return (goal, 0);
@@ -275,11 +272,17 @@ public sealed class ScriptedExpert
     /// </summary>
     private static Phase PushPhaseOf(Vec3 tcp, Vec3 cube, Vec3 dir, Vec3 behind)
     {
-        var rel = new Vec3(tcp.X - cube.X, tcp.Y - cube.Y, 0);
-        double along = rel.X * dir.X + rel.Y * dir.Y;
-        double lateral = Math.Abs(rel.X * dir.Y - rel.Y * dir.X);
-        bool onLine = lateral <= 0.014 && along <= -Half && along >= -(Contact + 0.03);
-        if (onLine && Math.Abs(tcp.Z - PushZ) < 0.006) return Phase.Push;
+        if (BehindOnLine(tcp, cube, dir, maxBehind: Contact + 0.03) && Math.Abs(tcp.Z - PushZ) < 0.006) return Phase.Push;
         return tcp.HorizontalDistance(behind) < 0.015 ? Phase.PushLower : Phase.PushApproach;
+    }
+
+    /// <summary>Whether the hand is on the push line behind the cube: within 1.4 cm of the line, behind the cube's back face,
+    /// and (when given) at most <paramref name="maxBehind"/> behind its centre. Push keeps pushing while this holds.</summary>
+    private static bool BehindOnLine(Vec3 tcp, Vec3 cube, Vec3 dir, double maxBehind = double.PositiveInfinity)
+    {
+        double rx = tcp.X - cube.X, ry = tcp.Y - cube.Y;
+        double along = rx * dir.X + ry * dir.Y;
+        double lateral = Math.Abs(rx * dir.Y - ry * dir.X);
+        return lateral <= 0.014 && along <= -Half && along >= -maxBehind;
     }
 }
