@@ -70,8 +70,13 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public long WeightBytes => (_quantized?.ByteSize ?? weight.NumberOfElements * weight.ElementSize)
         + (bias is null ? 0 : bias.NumberOfElements * bias.ElementSize);
 
+    /// <summary>Sees every input of <see cref="forward"/> (calibration: <see cref="Quantization.HessianAccumulator"/>); null
+    /// normally.</summary>
+    public Action<Tensor>? InputObserver { get; set; }
+
     public override Tensor forward(Tensor x)
     {
+        InputObserver?.Invoke(x);
         var y = _quantized is null ? F.linear(x, weight, bias)
             // Training on a quantized base: the packed kernels have no derivative; this gives the input its gradient.
             : x.requires_grad && torch.is_grad_enabled() ? QuantizedLinearFunction.Apply(x, _quantized, bias)

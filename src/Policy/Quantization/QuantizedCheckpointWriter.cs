@@ -10,10 +10,13 @@ namespace OpenVLA.Policy.Quantization;
 /// Writes a pre-quantized copy of a checkpoint directory (docs/quantization.md): every linear weight the options cover
 /// becomes its portable int8/int4 tensors, everything else is copied unchanged, and config.json gains a
 /// `quantization_config`. Tensors stream one at a time, so a 7B checkpoint converts in the memory of its largest tensor.
+/// With <c>calibrated</c> (<see cref="CalibratedQuantizer"/>) the quantized weights are given instead of computed by
+/// round-to-nearest, and the config records how they were calibrated.
 /// </summary>
 public static class QuantizedCheckpointWriter
 {
-    public static void Write(string sourceDir, string outDir, QuantizationOptions options, IProgress<double>? progress = null)
+    public static void Write(string sourceDir, string outDir, QuantizationOptions options, IProgress<double>? progress = null,
+        IReadOnlyDictionary<string, PortableQuantized>? calibrated = null, JsonObject? calibration = null)
     {
         if (options.Mode == QuantMode.None) throw new PolicyInputException("choose int8 or int4 to write a quantized checkpoint");
         var source = VlaCheckpoint.Open(sourceDir);
@@ -40,6 +43,9 @@ public static class QuantizedCheckpointWriter
             ["group_size"] = options.Mode == QuantMode.Int4 ? options.GroupSize : null,
             ["modules"] = new JsonArray(options.IncludeVision ? ["language_model", "projector", "vision_backbone"] : new JsonNode[] { "language_model", "projector" }),
         };
+        if (calibration is not null) config["quantization_config"]!["calibration"] = calibration.DeepClone();
+        if (calibrated is not null && linearWeights.FirstOrDefault(w => !calibrated.ContainsKey(w)) is { } uncalibrated)
+            throw new PolicyInputException($"no calibrated weight for '{uncalibrated}' (no calibration input reached it)");
 
         var weightMap = new JsonObject();
         long total = 0, done = 0;
@@ -65,7 +71,14 @@ public static class QuantizedCheckpointWriter
                 PortableQuantized? cached = null;
                 PortableQuantized Quantized()
                 {
-                    if (cached is null) { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.ModeFor(n, k), options.GroupSize, options.SearchRange); }
+                    if (cached is not null) return cached;
+                    if (calibrated is not null)
+                    {
+                        cached = calibrated[info.Name];
+                        if (cached.Mode != options.ModeFor(n, k) || cached.OutFeatures != n || cached.InFeatures != k || (cached.Mode == QuantMode.Int4 && cached.GroupSize != options.GroupSize))
+                            throw new PolicyInputException($"the calibrated weight for '{info.Name}' does not match {options.Name} of a [{n}, {k}] layer");
+                    }
+                    else { using var w = st.Load(info.Name); cached = WeightQuantizer.Quantize(w, options.ModeFor(n, k), options.GroupSize, options.SearchRange); }
                     return cached;
                 }
                 if (options.ModeFor(n, k) == QuantMode.Int8)

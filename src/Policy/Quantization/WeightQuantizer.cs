@@ -60,7 +60,7 @@ public static class WeightQuantizer
     const long RowsPerChunk = 1024;
 
     /// <summary>Levels, scale and zero for groups g [rows, groups, size], with the least-squared-error range of the factors.</summary>
-    static (Tensor Q, Tensor Scale, Tensor Zero) Int4Groups(Tensor g, double[] factors)
+    internal static (Tensor Q, Tensor Scale, Tensor Zero) Int4Groups(Tensor g, double[] factors)
     {
         var min = g.amin([2]);
         var max = g.amax([2]);
