@@ -68,17 +68,76 @@ internal static class QuantizationVerbs
         var groupSize = new Option<int>("--group-size") { Description = "int4 group size: 32, 64, 128 or 256", DefaultValueFactory = _ => 128 };
         var keepVision = new Option<bool>("--keep-vision-float") { Description = "leave the vision towers unquantized" };
         var minMax = new Option<bool>("--int4-minmax") { Description = "int4: each group's min–max range instead of the least-error one (13x faster, less accurate)" };
-        var cmd = new Command("quantize", "Write a pre-quantized copy of a checkpoint (loads without materialising float weights).")
-            { checkpoint, outDir, mode, groupSize, keepVision, minMax };
+        var calibration = new Option<string[]>("--calibration")
+        {
+            Description = "GPTQ: calibrate on frames of this LeRobot/RLDS dataset (repeat to combine datasets) instead of rounding each weight to nearest",
+            AllowMultipleArgumentsPerToken = true,
+        };
+        var samples = new Option<int>("--calibration-samples") { Description = "GPTQ: frames drawn at random from the calibration data", DefaultValueFactory = _ => 128 };
+        var damp = new Option<double>("--damp") { Description = "GPTQ: added to each Hessian's diagonal, as a fraction of its mean", DefaultValueFactory = _ => 0.01 };
+        var columnOrder = new Option<string>("--column-order")
+        {
+            Description = "GPTQ: act (inputs with the most energy first; int4 keeps its stored groups) or natural",
+            DefaultValueFactory = _ => "act",
+        };
+        var seed = new Option<int>("--seed") { Description = "GPTQ: which frames are drawn", DefaultValueFactory = _ => 0 };
+        var unnormKey = new Option<string?>("--unnorm-key") { Description = "GPTQ: dataset statistics to run the calibration with (checkpoints with several)" };
+        var device = new Option<string>("--device") { Description = "GPTQ: where the calibration and the quantization run (cpu, cuda, cuda:N)", DefaultValueFactory = _ => "cpu" };
+        var cmd = new Command("quantize", "Write a pre-quantized copy of a checkpoint (loads without materialising float weights), by round-to-nearest or, with --calibration, GPTQ.")
+            { checkpoint, outDir, mode, groupSize, keepVision, minMax, calibration, samples, damp, columnOrder, seed, unnormKey, device };
         cmd.SetAction(r =>
         {
             var options = QuantizationOptions.Parse(r.GetValue(mode)!, r.GetValue(groupSize), !r.GetValue(keepVision), !r.GetValue(minMax));
-            using var progress = new ConsoleProgress($"quantize {options.Name}");
-            QuantizedCheckpointWriter.Write(r.GetValue(checkpoint)!, r.GetValue(outDir)!, options, progress);
+            var datasets = r.GetValue(calibration) ?? [];
+            if (datasets.Length == 0)
+            {
+                using var progress = new ConsoleProgress($"quantize {options.Name}");
+                QuantizedCheckpointWriter.Write(r.GetValue(checkpoint)!, r.GetValue(outDir)!, options, progress);
+            }
+            else
+            {
+                bool actOrder = r.GetValue(columnOrder) switch
+                {
+                    "act" => true,
+                    "natural" => false,
+                    var o => throw new UsageException($"--column-order must be act or natural, got '{o}'"),
+                };
+                if (r.GetValue(samples) < 1) throw new UsageException($"--calibration-samples must be at least 1, got {r.GetValue(samples)}");
+                var observations = CalibrationFrames.Draw(datasets, r.GetValue(samples), r.GetValue(seed), r.GetValue(unnormKey));
+                CalibrationResult result;
+                using (var progress = new ConsoleProgress($"calibrate {options.Name} on {observations.Count} frames"))
+                    result = CalibratedQuantizer.Run(r.GetValue(checkpoint)!, observations, options, r.GetValue(damp), actOrder, device: r.GetValue(device)!, progress: progress);
+                var record = new JsonObject
+                {
+                    ["method"] = "gptq",
+                    ["damp"] = r.GetValue(damp),
+                    ["samples"] = observations.Count,
+                    ["seed"] = r.GetValue(seed),
+                    ["datasets"] = new JsonArray(datasets.Select(d => (JsonNode)Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(d)))).ToArray()),
+                    ["column_order"] = actOrder ? "act-order, static groups" : "natural",
+                    ["hessians"] = "float model",
+                };
+                using (var progress = new ConsoleProgress($"write {options.Name}"))
+                    QuantizedCheckpointWriter.Write(r.GetValue(checkpoint)!, r.GetValue(outDir)!, options, progress, result.Weights, record);
+                PrintCalibration(result);
+            }
             Console.WriteLine(Path.GetFullPath(r.GetValue(outDir)!));
             return CliExit.Ok;
         });
         return cmd;
+    }
+
+    /// <summary>The layers' relative output errors on the calibration frames, by layer kind (the name's last part).</summary>
+    static void PrintCalibration(CalibrationResult result)
+    {
+        Console.WriteLine($"GPTQ on {result.Observations} frames, {result.Layers.Count} layers ({result.Passes} calibration pass(es)); relative output error on the calibration inputs:");
+        Console.WriteLine($"{"layer kind",-14} {"layers",6} {"round-to-nearest",17} {"GPTQ",10} {"change",8}");
+        string Kind(string name) => name[..^".weight".Length].Split('.')[^1];
+        foreach (var g in result.Layers.GroupBy(l => Kind(l.Name)).Append(result.Layers.GroupBy(_ => "all").Single()))
+        {
+            double rtn = g.Average(l => l.RoundToNearestError), gptq = g.Average(l => l.GptqError);
+            Console.WriteLine($"{g.Key,-14} {g.Count(),6} {rtn,17:0.000e+00} {gptq,10:0.000e+00} {(rtn > 0 ? gptq / rtn - 1 : 0),8:+0%;-0%;0%}");
+        }
     }
 
     static Command Fidelity()
@@ -91,8 +150,13 @@ internal static class QuantizationVerbs
         var keepVision = new Option<bool>("--keep-vision-float") { Description = "quantize the language model and projector only, as serve --keep-vision-float" };
         var limit = new Option<int>("--limit") { Description = "at most this many frames", DefaultValueFactory = _ => 100 };
         var json = new Option<bool>("--json") { Description = "print one JSON object" };
+        var quantized = new Option<string[]>("--quantized")
+        {
+            Description = "also compare these pre-quantized copies of the checkpoint (e.g. `quantize --calibration` output), named by directory",
+            AllowMultipleArgumentsPerToken = true,
+        };
         var cmd = new Command("fidelity", "Run the same observations through f32, bf16, int8 and int4 (searched and min–max ranges) and compare tokens and actions with bf16.")
-            { checkpoint, images, instructions, unnormKey, groupSize, keepVision, limit, json };
+            { checkpoint, images, instructions, unnormKey, groupSize, keepVision, limit, json, quantized };
         cmd.SetAction(r =>
         {
             var dir = r.GetValue(images)!;
@@ -115,18 +179,26 @@ internal static class QuantizationVerbs
                 ($"int4-g{r.GetValue(groupSize)}{suffix}", greedy with { Quantize = "int4", GroupSize = r.GetValue(groupSize), QuantizeVision = vision }),
                 ($"int4-g{r.GetValue(groupSize)}-minmax{suffix}", greedy with { Quantize = "int4", GroupSize = r.GetValue(groupSize), QuantizeVision = vision, Int4RangeSearch = false }),
             };
+            var stored = (r.GetValue(quantized) ?? []).Select(d => (Name: Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(d))), Dir: d)).ToList();
+            foreach (var (name, d) in stored)
+            {
+                if (VlaCheckpoint.Open(d).Config.StoredQuantization is null) throw new UsageException($"--quantized {d} is not a pre-quantized checkpoint");
+                if (variants.Any(v => v.Name == name) || stored.Count(s => s.Name == name) > 1) throw new UsageException($"--quantized: two variants are named '{name}'");
+            }
+            var runs = variants.Select(v => (v.Name, Dir: r.GetValue(checkpoint)!, v.Options))
+                .Concat(stored.Select(s => (s.Name, s.Dir, Options: greedy))).ToList();
             var results = new Dictionary<string, List<ActionPrediction>>();
             using (var progress = new ConsoleProgress("fidelity"))
             {
                 int done = 0;
-                foreach (var (name, options) in variants)
+                foreach (var (name, variantDir, options) in runs)
                 {
-                    using var policy = VlaPolicy.Load(r.GetValue(checkpoint)!, options);
+                    using var policy = VlaPolicy.Load(variantDir, options);
                     results[name] = [];
                     foreach (var batch in observations.Chunk(8))
                     {
                         results[name].AddRange(policy.PredictBatch(batch));
-                        progress.Report((double)(done += batch.Length) / (observations.Count * variants.Length));
+                        progress.Report((double)(done += batch.Length) / (observations.Count * runs.Count));
                     }
                 }
             }

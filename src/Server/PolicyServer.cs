@@ -173,8 +173,8 @@ public sealed class PolicyServer : IAsyncDisposable
             state.Set(new ServingState.Loaded(mapping, scheduler));
             health.SetAll(HealthCheckResponse.Types.ServingStatus.Serving);
             metrics.Ready(true);
-            logger.LogInformation("serving {ModelId} (version {ModelVersion}, {Architecture}): loaded in {LoadSeconds:F2} s, warmed up in {WarmupSeconds:F2} s; max batch {MaxBatch}, max queue delay {MaxQueueDelayMs} ms",
-                policy.Description.ModelId, mapping.ModelVersion, policy.Description.Architecture, loadSeconds, warmSeconds, options.MaxBatch, options.MaxQueueDelayMs);
+            logger.LogInformation("serving {ModelId} (version {ModelVersion}, {Architecture}, weights {Quantization}): loaded in {LoadSeconds:F2} s, warmed up in {WarmupSeconds:F2} s; max batch {MaxBatch}, max queue delay {MaxQueueDelayMs} ms",
+                policy.Description.ModelId, mapping.ModelVersion, policy.Description.Architecture, policy.Description.Quantization == "none" ? "not quantized" : policy.Description.Quantization, loadSeconds, warmSeconds, options.MaxBatch, options.MaxQueueDelayMs);
             if (policy is VlaPolicy vla) logger.LogInformation("action decoding: {Decoding}", vla.Decoding);
             ready.TrySetResult();
         }
