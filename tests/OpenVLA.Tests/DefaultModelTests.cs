@@ -7,18 +7,22 @@ using OpenVLA.Simulation.Tabletop;
 namespace OpenVLA.Tests;
 
 /// <summary>
-/// The committed default policy (models/openvla-small-tabletop): it loads as an OpenVLA checkpoint, its files are the
-/// ones its model card describes, and it really controls the simulated robot.
+/// The committed default policy (models/openvla-small-tabletop) and its GPTQ int4 copy (models/openvla-small-tabletop-int4):
+/// they load as OpenVLA checkpoints, their files are the ones their model cards describe, and the float one really
+/// controls the simulated robot.
 /// </summary>
 [Collection("MuJoCo")]
 public sealed partial class DefaultModelTests
 {
     static readonly string ModelDir = Path.Combine(TestPaths.RepoRoot, "models", "openvla-small-tabletop");
+    static readonly string Int4Dir = ModelDir + "-int4";
 
-    [Fact]
-    public void Loads_as_an_OpenVLA_checkpoint_with_the_tabletop_statistics()
+    [Theory]
+    [InlineData("openvla-small-tabletop")]
+    [InlineData("openvla-small-tabletop-int4")]
+    public void Loads_as_an_OpenVLA_checkpoint_with_the_tabletop_statistics(string model)
     {
-        using var policy = VlaPolicy.Load(ModelDir);
+        using var policy = VlaPolicy.Load(Path.Combine(TestPaths.RepoRoot, "models", model));
 
         var d = policy.Description;
         Assert.Equal(112, d.ImageSize);
@@ -38,17 +42,20 @@ public sealed partial class DefaultModelTests
         Assert.InRange(p.Action[6], 0.9f, 1.0f);                                 // open, as every demonstration starts
     }
 
-    [Fact]
-    public void Every_file_matches_the_hash_in_the_model_card()
+    [Theory]
+    [InlineData("openvla-small-tabletop")]
+    [InlineData("openvla-small-tabletop-int4")]
+    public void Every_file_matches_the_hash_in_the_model_card(string model)
     {
-        var card = File.ReadAllText(Path.Combine(ModelDir, "README.md"));
+        var dir = Path.Combine(TestPaths.RepoRoot, "models", model);
+        var card = File.ReadAllText(Path.Combine(dir, "README.md"));
         var listed = FileRow().Matches(card).ToDictionary(m => m.Groups[1].Value, m => (Bytes: long.Parse(m.Groups[2].Value), Sha: m.Groups[3].Value));
 
-        var files = Directory.EnumerateFiles(ModelDir).Select(Path.GetFileName).Where(n => n is not ("README.md" or "training.png")).Order().ToList();
+        var files = Directory.EnumerateFiles(dir).Select(Path.GetFileName).Where(n => n is not ("README.md" or "training.png")).Order().ToList();
         Assert.Equal(files, listed.Keys.Order());
         foreach (var name in files)
         {
-            var path = Path.Combine(ModelDir, name!);
+            var path = Path.Combine(dir, name!);
             Assert.Equal(listed[name!].Bytes, new FileInfo(path).Length);
             using var stream = File.OpenRead(path);
             Assert.Equal(listed[name!].Sha, Convert.ToHexStringLower(SHA256.HashData(stream)));
@@ -56,6 +63,26 @@ public sealed partial class DefaultModelTests
         Assert.Contains("model.safetensors", files);
         Assert.Contains("dataset_statistics.json", files);
         Assert.Contains("tokenizer.model", files);
+    }
+
+    /// <summary>The int4 copy is the default model's weights quantized by GPTQ and nothing else: pre-quantized int4 in
+    /// groups of 128 over every covered module, a GPTQ calibration record, and byte for byte the float model's statistics,
+    /// tokenizer, preprocessing and decoding.</summary>
+    [Fact]
+    public void The_int4_copy_is_the_default_model_quantized_by_gptq()
+    {
+        using var policy = VlaPolicy.Load(Int4Dir);
+        Assert.Equal("int4-g128", policy.Checkpoint.Config.StoredQuantization!.Name);
+        Assert.True(policy.Checkpoint.Config.StoredQuantization.IncludeVision);
+        var calibration = policy.Checkpoint.Config.Raw["quantization_config"]!["calibration"]!;
+        Assert.Equal("gptq", calibration["method"]!.GetValue<string>());
+        Assert.Equal(128, calibration["samples"]!.GetValue<int>());
+        foreach (var name in new[] { "dataset_statistics.json", "tokenizer.model", "preprocessor_config.json", "generation_config.json" })
+            Assert.Equal(File.ReadAllBytes(Path.Combine(ModelDir, name)), File.ReadAllBytes(Path.Combine(Int4Dir, name)));
+        var floatConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(ModelDir, "config.json")))!.AsObject();
+        var int4Config = JsonNode.Parse(File.ReadAllText(Path.Combine(Int4Dir, "config.json")))!.AsObject();
+        int4Config.Remove("quantization_config");
+        Assert.True(JsonNode.DeepEquals(floatConfig, int4Config));
     }
 
     /// <summary>
