@@ -89,6 +89,8 @@ internal static class QuantizationVerbs
         {
             var options = QuantizationOptions.Parse(r.GetValue(mode)!, r.GetValue(groupSize), !r.GetValue(keepVision), !r.GetValue(minMax));
             var datasets = r.GetValue(calibration) ?? [];
+            if (datasets.Length == 0 && new Option[] { samples, damp, columnOrder, seed, unnormKey, device }.FirstOrDefault(o => r.GetResult(o) is { Implicit: false }) is { } gptqOnly)
+                throw new UsageException($"{gptqOnly.Name} applies to GPTQ: add --calibration DATASET (without it, quantize rounds to nearest)");
             if (datasets.Length == 0)
             {
                 using var progress = new ConsoleProgress($"quantize {options.Name}");

@@ -18,7 +18,9 @@ public sealed record CalibrationResult(IReadOnlyDictionary<string, PortableQuant
 /// moments are those of the float model (every layer sees float inputs), not the sequential variant in which later
 /// layers see the already-quantized earlier ones. Layers are taken in groups whose float64 [K, K] accumulators fit
 /// <paramref name="hessianBudgetBytes"/>, one pass over the observations per group: the default model needs one pass;
-/// openvla-7b (~22 GB of accumulators over its 32 decoder layers) about six at the default 4 GB.
+/// openvla-7b (~22 GB of accumulators over its 32 decoder layers) about six at the default 4 GB. Observations run in
+/// batches of <paramref name="batchSize"/>, so the few left-padding positions of a batch's shorter prompts are counted too,
+/// as they are in the Python GPTQ tools that calibrate on padded batches.
 /// </summary>
 public static class CalibratedQuantizer
 {

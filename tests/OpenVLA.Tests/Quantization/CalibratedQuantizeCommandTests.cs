@@ -80,6 +80,17 @@ public sealed class CalibratedQuantizeCommandTests
     }
 
     [Fact]
+    public void A_gptq_setting_without_calibration_data_exits_2_instead_of_being_ignored()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp["ckpt"], "tiny", seed: 3, torch.ScalarType.Float32);
+        var run = CliRunner.Run("quantize", "--checkpoint", tmp["ckpt"], "--out", tmp["out"], "--mode", "int4", "--damp", "0.05");
+        Assert.Equal(2, run.ExitCode);
+        Assert.Contains("--damp applies to GPTQ: add --calibration", run.Stderr);
+        Assert.False(Directory.Exists(tmp["out"]));
+    }
+
+    [Fact]
     public void A_missing_calibration_dataset_exits_2()
     {
         using var tmp = new TestPaths.TempDir();
