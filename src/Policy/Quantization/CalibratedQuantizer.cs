@@ -19,8 +19,7 @@ public sealed record CalibrationResult(IReadOnlyDictionary<string, PortableQuant
 /// layers see the already-quantized earlier ones. Layers are taken in groups whose float64 [K, K] accumulators fit
 /// <paramref name="hessianBudgetBytes"/>, one pass over the observations per group: the default model needs one pass;
 /// openvla-7b (~22 GB of accumulators over its 32 decoder layers) about six at the default 4 GB. Observations run in
-/// batches of <paramref name="batchSize"/>, so the few left-padding positions of a batch's shorter prompts are counted too,
-/// as they are in the Python GPTQ tools that calibrate on padded batches.
+/// batches of <paramref name="batchSize"/>, so the few left-padding positions of a batch's shorter prompts are counted too.
 /// </summary>
 public static class CalibratedQuantizer
 {
