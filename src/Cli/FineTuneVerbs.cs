@@ -123,6 +123,10 @@ internal static class FineTuneVerbs
         };
         var datasetConfig = new Option<string?>("--dataset-config") { Description = "per-dataset mapping JSON (keys, gripper convention, normalization mask); default: the layout's defaults" };
         var datasetFormat = new Option<string?>("--dataset-format") { Description = "lerobot or rlds (default: detected)" };
+        var datasetWeights = new Option<string?>("--dataset-weights")
+        {
+            Description = "with several --dataset: a mixture, one positive weight per dataset (e.g. 1,3: the second's frames three times as often as the first's); default: each in proportion to its size",
+        };
         var outDir = new Option<string?>("--out") { Description = "run directory: step-N/ checkpoints, metrics.jsonl, metrics.png, dataset_statistics.json" };
         var saveSteps = new Option<int>("--save-steps") { Description = "save every N optimizer steps (and at the end)", DefaultValueFactory = _ => 5000 };
         var evalSteps = new Option<int>("--eval-steps") { Description = "evaluate on the held-out split every N steps (and at the end); 0: only at the end", DefaultValueFactory = _ => 500 };
@@ -141,7 +145,7 @@ internal static class FineTuneVerbs
         var auxWeight = new Option<double>("--aux-weight") { Description = "weight of an auxiliary loss: a linear head on the image tokens regresses --aux-keys (standardized); for training from scratch, never exported", DefaultValueFactory = _ => 0.0 };
         var auxKeys = new Option<string?>("--aux-keys") { Description = "LeRobot vector keys the auxiliary head regresses, comma-separated (e.g. observation.state,observation.environment_state); default: the dataset config's aux_keys" };
         var cmd = new Command("finetune", "Fine-tune an OpenVLA checkpoint with LoRA (or train it in full) on a robot dataset.")
-            { baseDir, dataset, datasetConfig, datasetFormat, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, randomShift, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys };
+            { baseDir, dataset, datasetConfig, datasetFormat, datasetWeights, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, randomShift, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys };
         training.AddTo(cmd);
         cmd.SetAction(r =>
         {
@@ -175,6 +179,15 @@ internal static class FineTuneVerbs
 
             string basePath = r.GetValue(baseDir) ?? throw new UsageException("--base is required (a Hugging Face OpenVLA checkpoint directory)");
             string[] datasetPaths = r.GetValue(dataset) is { Length: > 0 } given ? given : throw new UsageException("--dataset is required");
+            double[]? mixture = null;
+            if (r.GetValue(datasetWeights) is { } weightText)
+            {
+                var parts = weightText.Split(',', StringSplitOptions.TrimEntries);
+                mixture = parts.Select(p => double.TryParse(p, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var w) && double.IsFinite(w) && w > 0
+                    ? w : throw new UsageException($"--dataset-weights: '{p}' is not a positive number")).ToArray();
+                if (mixture.Length != datasetPaths.Length)
+                    throw new UsageException($"--dataset-weights gives {mixture.Length} weight(s) for {datasetPaths.Length} --dataset; give one per dataset, in order");
+            }
             string runDir = r.GetValue(outDir) ?? throw new UsageException("--out is required");
             if (r.GetValue(shuffle) < 1) throw new UsageException("--shuffle-buffer must be at least 1");
             string? latest = Trainer.LatestCheckpoint(runDir);
@@ -203,11 +216,13 @@ internal static class FineTuneVerbs
             {
                 Seed = options.Seed, ShuffleBufferSize = r.GetValue(shuffle), ImageSize = imageSize,
                 Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : shift > 0 ? new RandomShift(shift) : null,
+                DatasetWeights = mixture,
             };
             var source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
             var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed);
             var statistics = JsonNode.Parse(DatasetStatistics.ToJson([stats]))!.AsObject();
-            Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}{(datasetPaths.Length > 1 ? $", {datasetPaths.Length} datasets" : "")}): {split.Train.Count} training / {split.HeldOut.Count} held-out episodes, {data.StepCount} steps");
+            Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}{(datasetPaths.Length > 1 ? $", {datasetPaths.Length} datasets" : "")}" +
+                                    $"{(mixture is null ? "" : $", mixture {string.Join(":", mixture)}")}): {split.Train.Count} training / {split.HeldOut.Count} held-out episodes, {data.StepCount} steps");
 
             using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
             WeightLoader.Load(model, checkpoint, training.Quantization(r));

@@ -33,6 +33,8 @@ internal sealed class ConcatSource : IEpisodeSource
     public int EpisodeLength(int episode) { var (p, e) = Locate(episode); return _parts[p].EpisodeLength(e); }
     public int GroupOf(int episode) { var (p, e) = Locate(episode); return _firstGroup[p] + _parts[p].GroupOf(e); }
     public RawEpisode Read(int episode, bool withFrames) { var (p, e) = Locate(episode); return _parts[p].Read(e, withFrames); }
+    public int PartCount => _parts.Length;
+    public int PartOf(int episode) => Locate(episode).Part;
 
     /// <summary>Which part holds a combined episode number, and its number there.</summary>
     private (int Part, int Episode) Locate(int episode)

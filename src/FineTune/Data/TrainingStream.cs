@@ -47,6 +47,15 @@ public sealed record StreamOptions
     public Func<RgbImage, int, int, RgbImage>? Resizer { get; init; }
     /// <summary>Augmentation (OpenVLA's image_aug, <see cref="RandomShift"/>), or null for none.</summary>
     public IImageAugmentation? Augmentation { get; init; }
+    /// <summary>
+    /// A mixture over the datasets of a union (<see cref="VlaDataset.Open(IReadOnlyList{string}, DatasetConfig?, string?, Action{string}?)"/>),
+    /// one positive weight per dataset in the order given: a frame of dataset i is sampled in proportion to weight i (1, 1:
+    /// plain concatenation, each dataset in proportion to its size; 1, 3: the second's frames three times as often as the
+    /// first's). Only ratios matter. Each epoch takes every episode of the most heavily weighted datasets and a fresh random
+    /// subset of weight / max-weight of the others' episodes (of their shards, where a layout is read in shard order), so no
+    /// episode is read twice in an epoch. Null: no mixture.
+    /// </summary>
+    public IReadOnlyList<double>? DatasetWeights { get; init; }
 }
 
 /// <summary>
@@ -73,7 +82,7 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
     private readonly string _fingerprint;
 
     // Independent random streams derived from the one seed (Rng.For(seed, stream, index)).
-    private const ulong EpisodeOrderStream = 1, BufferPickStream = 2, AugmentationStream = 16;   // + camera
+    private const ulong EpisodeOrderStream = 1, BufferPickStream = 2, MixtureStream = 3, AugmentationStream = 16;   // + camera
 
     // Epoch plan: episode order, the pull pointer into it, the buffer of (episode, step) references and its generator.
     private int _epoch;
@@ -112,7 +121,14 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
             if (e < 0 || e >= dataset.EpisodeCount) throw new DatasetException($"{dataset.Name}: episode {e} does not exist ({dataset.EpisodeCount} episodes)");
         _normalizer = new ActionNormalizer(statistics.Action);
         _bufferSize = _options.Shuffle ? _options.ShuffleBufferSize : 1;
-        _fingerprint = Fingerprint(dataset, _episodes);
+        if (_options.DatasetWeights is { } weights)
+        {
+            if (weights.Count != dataset.PartCount)
+                throw new DatasetException($"{weights.Count} dataset weight(s) for {dataset.PartCount} dataset(s); give one per dataset, in order");
+            if (weights.Any(w => !double.IsFinite(w) || w <= 0)) throw new DatasetException($"dataset weights must be positive, got {string.Join(", ", weights)}");
+            if (!_options.Shuffle) throw new DatasetException("dataset weights need a shuffled stream");
+        }
+        _fingerprint = Fingerprint(dataset, _episodes) + (_options.DatasetWeights is { } mix ? ":mix=" + string.Join("/", mix.Select(w => w.ToString("R", System.Globalization.CultureInfo.InvariantCulture))) : "");
         StartEpoch(0);
         if (resumeFrom is not null) Resume(resumeFrom);
     }
@@ -147,20 +163,39 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         _pick = Rng.For(_options.Seed, BufferPickStream, (ulong)epoch);
     }
 
-    /// <summary>Shuffled episodes, or shuffled groups of episodes in stored order when the layout must be read in order.</summary>
+    /// <summary>Shuffled episodes, or shuffled groups of episodes in stored order when the layout must be read in order;
+    /// with <see cref="StreamOptions.DatasetWeights"/>, this epoch's subsets of the lighter datasets only.</summary>
     private int[] EpochOrder(int epoch)
     {
         if (!_options.Shuffle) return _episodes;
         var rng = Rng.For(_options.Seed, EpisodeOrderStream, (ulong)epoch);
         if (_dataset.RandomAccess)
         {
-            var order = _episodes.ToArray();
+            var order = Mixture(_episodes.Select(e => new[] { e }).ToList(), epoch).Select(u => u[0]).ToArray();
             rng.Shuffle(order);
             return order;
         }
-        var groups = _episodes.GroupBy(_dataset.GroupOf).Select(g => g.ToArray()).ToList();
+        var groups = Mixture(_episodes.GroupBy(_dataset.GroupOf).Select(g => g.ToArray()).ToList(), epoch);
         rng.Shuffle(groups);
         return groups.SelectMany(g => g).ToArray();
+    }
+
+    /// <summary>The units (episodes, or shards read whole) this epoch keeps: all of a dataset with the largest weight, a
+    /// random round(n · weight / max) of each other's n (at least one).</summary>
+    private List<int[]> Mixture(List<int[]> units, int epoch)
+    {
+        if (_options.DatasetWeights is not { } weights || weights.Distinct().Count() == 1) return units;
+        var rng = Rng.For(_options.Seed, MixtureStream, (ulong)epoch);
+        double max = weights.Max();
+        var kept = new List<int[]>();
+        foreach (var part in units.GroupBy(u => _dataset.PartOf(u[0])).OrderBy(g => g.Key))
+        {
+            var list = part.ToArray();
+            int keep = Math.Max(1, (int)Math.Round(list.Length * weights[part.Key] / max));
+            if (keep < list.Length) rng.Shuffle(list);
+            kept.AddRange(list.Take(keep).OrderBy(u => u[0]));
+        }
+        return kept;
     }
 
     private bool TryPull(out (int Episode, int Step) r)

@@ -28,6 +28,10 @@ public sealed class VlaDataset : IDisposable
     public int EpisodeLength(int episode) => _source.EpisodeLength(episode);
     public long StepCount => _usable.Sum(e => (long)_source.EpisodeLength(e));
     internal bool RandomAccess => _source.RandomAccess;
+    /// <summary>How many datasets this one combines (1 unless several paths were opened as a union).</summary>
+    public int PartCount => _source is ConcatSource c ? c.PartCount : 1;
+    /// <summary>Which of the combined datasets (0-based, in the order opened) holds an episode.</summary>
+    public int PartOf(int episode) => _source is ConcatSource c ? c.PartOf(episode) : 0;
     internal int GroupOf(int episode) => _source.GroupOf(episode);
 
     private VlaDataset(string path, IEpisodeSource source, DatasetConfig config)

@@ -75,6 +75,68 @@ public class DatasetUnionTests
     }
 
     [Fact]
+    public void Dataset_weights_sample_each_dataset_in_proportion_with_fresh_subsets_each_epoch()
+    {
+        using var dir = new TempDir();
+        TestDatasets.WriteLeRobot(dir["demos"], Enumerable.Repeat(2, 12).ToArray());   // episodes 0-11
+        TestDatasets.WriteLeRobot(dir["dagger"], Enumerable.Repeat(2, 4).ToArray());   // episodes 12-15
+        using var data = VlaDataset.Open([dir["demos"], dir["dagger"]]);
+        Assert.Equal(2, data.PartCount);
+        Assert.Equal([0, 0, 1], new[] { 0, 11, 12 }.Select(data.PartOf));
+        var stats = data.ComputeStatistics();
+        var all = Enumerable.Range(0, 16).ToList();
+
+        // Weights 1 : 2. The dagger frames, a quarter of the data, are to be sampled twice as often per frame, so each epoch
+        // keeps all 4 dagger episodes and round(12 / 2) = 6 of the 12 demos, a different half each epoch.
+        var options = new StreamOptions { ShuffleBufferSize = 5, Seed = 3, DatasetWeights = [1, 2] };
+        var epochs = new List<List<int>>();
+        using (var stream = new TrainingStream(data, all, stats, options).GetEnumerator())
+            for (int n = 0; n < 3 * 10 * 2 && stream.MoveNext(); n++)
+            {
+                if (n % 20 == 0) epochs.Add([]);
+                epochs[^1].Add(stream.Current.EpisodeIndex);
+            }
+        Assert.Equal(3, epochs.Count);
+        foreach (var epoch in epochs)
+        {
+            var episodes = epoch.Distinct().ToList();
+            Assert.Equal(10, episodes.Count);
+            Assert.Equal([12, 13, 14, 15], episodes.Where(e => e >= 12).Order());
+            Assert.Equal(6, episodes.Count(e => e < 12));
+            Assert.All(episodes, e => Assert.Equal(2, epoch.Count(x => x == e)));   // every step of a kept episode, once
+        }
+        Assert.NotEqual(epochs[0].Where(e => e < 12).Distinct().Order(), epochs[1].Where(e => e < 12).Distinct().Order());
+
+        // Deterministic for the seed, and a cursor replays the mixture: resuming after 25 samples continues identically.
+        var first = new TrainingStream(data, all, stats, options).Take(40).Select(s => (s.EpisodeIndex, s.StepIndex)).ToList();
+        var run = new TrainingStream(data, all, stats, options);
+        var head = run.Take(25).ToList();
+        var resumed = new TrainingStream(data, all, stats, options, head[^1].CursorAfter).Take(15).Select(s => (s.EpisodeIndex, s.StepIndex));
+        Assert.Equal(first, head.Select(s => (s.EpisodeIndex, s.StepIndex)).Concat(resumed));
+
+        // Equal weights are plain concatenation, and a cursor does not resume under another mixture.
+        var plain = new TrainingStream(data, all, stats, new StreamOptions { ShuffleBufferSize = 5, Seed = 3 }).Take(32).Select(s => (s.EpisodeIndex, s.StepIndex));
+        var equal = new TrainingStream(data, all, stats, new StreamOptions { ShuffleBufferSize = 5, Seed = 3, DatasetWeights = [2, 2] }).Take(32).Select(s => (s.EpisodeIndex, s.StepIndex));
+        Assert.Equal(plain, equal);
+        var e = Assert.Throws<DatasetException>(() => new TrainingStream(data, all, stats, options with { DatasetWeights = [1, 3] }, head[^1].CursorAfter));
+        Assert.StartsWith("cannot resume", e.Message);
+    }
+
+    [Fact]
+    public void Dataset_weights_must_be_one_positive_number_per_dataset()
+    {
+        using var dir = new TempDir();
+        TestDatasets.WriteLeRobot(dir["a"], [2]);
+        TestDatasets.WriteLeRobot(dir["b"], [2]);
+        using var data = VlaDataset.Open([dir["a"], dir["b"]]);
+        var stats = data.ComputeStatistics();
+        var e = Assert.Throws<DatasetException>(() => new TrainingStream(data, [0, 1], stats, new StreamOptions { DatasetWeights = [1] }));
+        Assert.Equal("1 dataset weight(s) for 2 dataset(s); give one per dataset, in order", e.Message);
+        e = Assert.Throws<DatasetException>(() => new TrainingStream(data, [0, 1], stats, new StreamOptions { DatasetWeights = [1, 0] }));
+        Assert.StartsWith("dataset weights must be positive", e.Message);
+    }
+
+    [Fact]
     public void Mixed_layouts_a_repeated_dataset_and_a_missing_one_are_refused_with_one_line()
     {
         using var dir = new TempDir();

@@ -105,7 +105,7 @@ public class FineTuneCommandTests
     }
 
     [Fact]
-    public void RepeatedDatasetsTrainOnTheirUnionAndMixedLayoutsAreRefused()
+    public void RepeatedDatasetsTrainOnTheirUnionOrAMixtureAndMixedLayoutsAreRefused()
     {
         using var tmp = new TestPaths.TempDir();
         CheckpointMaker.Write(tmp["base"], "tiny", 3, torch.ScalarType.Float32);
@@ -119,6 +119,16 @@ public class FineTuneCommandTests
         Assert.Contains("finetune: demos (lerobot, 2 datasets): 4 training / 1 held-out episodes, 28 steps", run.Stderr);
         var stats = JsonNode.Parse(File.ReadAllText(Path.Combine(tmp["run"], "dataset_statistics.json")))!;
         Assert.Equal(28, stats["demos"]!["num_transitions"]!.GetValue<long>());
+
+        var weighted = CliRunner.Run([.. common, "--out", tmp["run3"], "--dataset", tmp["demos"], "--dataset", tmp["dagger"], "--dataset-weights", "1,2.5"]);
+        Assert.True(weighted.ExitCode == 0, weighted.Stderr);
+        Assert.Contains("finetune: demos (lerobot, 2 datasets, mixture 1:2.5): 4 training / 1 held-out episodes, 28 steps", weighted.Stderr);
+        var uneven = CliRunner.Run([.. common, "--out", tmp["run4"], "--dataset", tmp["demos"], "--dataset", tmp["dagger"], "--dataset-weights", "1"]);
+        Assert.Equal(2, uneven.ExitCode);
+        Assert.Contains("--dataset-weights gives 1 weight(s) for 2 --dataset; give one per dataset, in order", uneven.Stderr);
+        var negative = CliRunner.Run([.. common, "--out", tmp["run5"], "--dataset", tmp["demos"], "--dataset", tmp["dagger"], "--dataset-weights", "1,-2"]);
+        Assert.Equal(2, negative.ExitCode);
+        Assert.Contains("--dataset-weights: '-2' is not a positive number", negative.Stderr);
 
         RldsWriter.WriteDataset(tmp["oxe"], "oxe", TestDatasets.RldsEpisodes([2]));
         var mixed = CliRunner.Run([.. common, "--out", tmp["run2"], "--dataset", tmp["demos"], "--dataset", tmp["oxe"]]);
