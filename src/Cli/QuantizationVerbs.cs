@@ -115,7 +115,7 @@ internal static class QuantizationVerbs
                     ["damp"] = r.GetValue(damp),
                     ["samples"] = observations.Count,
                     ["seed"] = r.GetValue(seed),
-                    ["datasets"] = new JsonArray(datasets.Select(d => (JsonNode)Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(d)))).ToArray()),
+                    ["datasets"] = new JsonArray(datasets.Select(d => (JsonNode)DirectoryName(d)).ToArray()),
                     ["column_order"] = actOrder ? "act-order, static groups" : "natural",
                     ["hessians"] = "float model",
                 };
@@ -128,6 +128,9 @@ internal static class QuantizationVerbs
         });
         return cmd;
     }
+
+    /// <summary>A directory's own name, also when given with a trailing slash or as ".".</summary>
+    static string DirectoryName(string dir) => Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(dir)));
 
     /// <summary>The layers' relative output errors on the calibration frames, by layer kind (the name's last part).</summary>
     static void PrintCalibration(CalibrationResult result)
@@ -181,7 +184,7 @@ internal static class QuantizationVerbs
                 ($"int4-g{r.GetValue(groupSize)}{suffix}", greedy with { Quantize = "int4", GroupSize = r.GetValue(groupSize), QuantizeVision = vision }),
                 ($"int4-g{r.GetValue(groupSize)}-minmax{suffix}", greedy with { Quantize = "int4", GroupSize = r.GetValue(groupSize), QuantizeVision = vision, Int4RangeSearch = false }),
             };
-            var stored = (r.GetValue(quantized) ?? []).Select(d => (Name: Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(d))), Dir: d)).ToList();
+            var stored = (r.GetValue(quantized) ?? []).Select(d => (Name: DirectoryName(d), Dir: d)).ToList();
             foreach (var (name, d) in stored)
             {
                 if (VlaCheckpoint.Open(d).Config.StoredQuantization is null) throw new UsageException($"--quantized {d} is not a pre-quantized checkpoint");

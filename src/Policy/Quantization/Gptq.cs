@@ -49,8 +49,9 @@ public sealed class HessianAccumulator : IDisposable
 /// rather than its weights stays close. The result has exactly the format of round-to-nearest
 /// (<see cref="WeightQuantizer"/>): same levels, scales and zeros, same kernels, same checkpoint tensors. Only which
 /// level each weight takes differs.
-/// <para>This is the paper's lazy-batch form with the Cholesky factor of H⁻¹, columns in their natural order (no
-/// act-order), and int4 group scales fitted when the quantizer reaches a group, on the weights as updated so far.</para>
+/// <para>This is the paper's lazy-batch form with the Cholesky factor of H⁻¹. Columns go in their natural order, with int4
+/// group ranges fitted when the quantizer reaches a group, on the weights as updated so far; or, with act-order, in
+/// decreasing input energy, with the stored groups' ranges fitted up front (static groups).</para>
 /// </summary>
 public static class Gptq
 {
@@ -96,7 +97,7 @@ public static class Gptq
             if (mode == QuantMode.Int4)
             {
                 var (_, s0, z0) = WeightQuantizer.Int4Groups(w.to(ScalarType.Float32).view(n, k / groupSize, groupSize),
-                    searchRange ? WeightQuantizer.ClipSearch : WeightQuantizer.ClipSearch[..1]);
+                    WeightQuantizer.ClipFactors(searchRange));
                 staticScale = s0.to(compute); staticZero = z0.to(compute);
             }
             w = w.index_select(1, perm);
@@ -105,10 +106,8 @@ public static class Gptq
         var permuted = perm?.data<long>().ToArray();
         var u = UpperCholeskyOfInverse(h, damp).to(compute);
 
-        // int8's per-row scale comes from the whole row up front (it has no groups), rounded to bf16 as the kernel uses it.
-        Tensor? rowScale = mode == QuantMode.Int8
-            ? (w.abs().amax([1]) / 127).clamp_min(1e-12).to(ScalarType.BFloat16).to(compute)
-            : null;
+        // int8's per-row scale comes from the whole row up front (it has no groups), as round-to-nearest's.
+        Tensor? rowScale = mode == QuantMode.Int8 ? WeightQuantizer.Int8RowScale(w).to(compute) : null;
         var levels = empty([n, k], compute);
         var scales = new List<Tensor>();
         var zeros = new List<Tensor>();
@@ -133,7 +132,7 @@ public static class Gptq
                 else if (mode == QuantMode.Int4 && col % groupSize == 0)
                 {
                     var (_, s, z) = WeightQuantizer.Int4Groups(w1.narrow(1, i, groupSize).to(ScalarType.Float32).unsqueeze(1),
-                        searchRange ? WeightQuantizer.ClipSearch : WeightQuantizer.ClipSearch[..1]);
+                        WeightQuantizer.ClipFactors(searchRange));
                     scale = s.to(compute).MoveToOuterDisposeScope();
                     zero = z.to(compute).MoveToOuterDisposeScope();
                     scales.Add(scale); zeros.Add(zero);

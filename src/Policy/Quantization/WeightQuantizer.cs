@@ -24,7 +24,7 @@ public static class WeightQuantizer
         {
             // Symmetric per output channel: scale = max|w| / 127, q = round(w / scale) ∈ [−127, 127].
             // The scale is rounded to bf16 first, since the kernel multiplies by the bf16 value.
-            var channelScale = (w.abs().amax([1]) / 127).clamp_min(1e-12).to(ScalarType.BFloat16).to(ScalarType.Float32);
+            var channelScale = Int8RowScale(w);
             var q = (w / channelScale.unsqueeze(1)).round().clamp(-127, 127).to(ScalarType.Int8);
             return Keep(new PortableQuantized(mode, n, k, 0, q, channelScale.to(ScalarType.BFloat16), null));
         }
@@ -40,7 +40,7 @@ public static class WeightQuantizer
             using var chunkScope = NewDisposeScope();
             long rows = Math.Min(RowsPerChunk, n - row);
             var g = w.narrow(0, row, rows).view(rows, k / groupSize, groupSize);
-            var (q, scale, zero) = Int4Groups(g, searchRange ? ClipSearch : ClipSearch[..1]);
+            var (q, scale, zero) = Int4Groups(g, ClipFactors(searchRange));
             qs.Add(q.view(rows, k).MoveToOuterDisposeScope());
             scales.Add(scale.MoveToOuterDisposeScope());
             zeros.Add(zero.MoveToOuterDisposeScope());
@@ -55,6 +55,14 @@ public static class WeightQuantizer
     /// default model's language model this cut the mean action error against bf16 by 42% (docs/benchmarks.md).
     /// </summary>
     public static readonly double[] ClipSearch = Enumerable.Range(0, 11).Select(i => 1 - 0.03 * i).ToArray();
+
+    /// <summary>The range factors int4 tries: all of <see cref="ClipSearch"/>, or 1 alone (min–max).</summary>
+    internal static double[] ClipFactors(bool searchRange) => searchRange ? ClipSearch : ClipSearch[..1];
+
+    /// <summary>int8's per-output-channel scale, max|w| / 127 rounded to bf16 (the kernel multiplies by the bf16 value), as
+    /// float32 [N].</summary>
+    internal static Tensor Int8RowScale(Tensor w) =>
+        (w.abs().amax([1]) / 127).clamp_min(1e-12).to(ScalarType.BFloat16).to(ScalarType.Float32);
 
     /// <summary>Rows quantized at a time, bounding the search's float32 temporaries (a few copies of this many rows).</summary>
     const long RowsPerChunk = 1024;
