@@ -68,8 +68,12 @@ internal static class PolicyVerbs
         var seed = new Option<int>("--seed") { Description = "random seed of the weights", DefaultValueFactory = _ => 0 };
         var dtype = new Option<string>("--dtype") { Description = "stored precision: bf16 or f32", DefaultValueFactory = _ => "bf16" };
         var shardMb = new Option<long>("--max-shard-mb") { Description = "shard size limit in MB (HF default 5000)", DefaultValueFactory = _ => 5000 };
+        var patchSize = new Option<int?>("--patch-size")
+        {
+            Description = "both towers' patch size in pixels, for the presets with our own tower sizes (default: the preset's; e.g. 14 on small gives 8x8 image tokens per tower instead of 4x4)",
+        };
         var cmd = new Command("make-checkpoint", "Write a random-weight checkpoint in the Hugging Face OpenVLA layout.")
-            { preset, outDir, seed, dtype, shardMb };
+            { preset, outDir, seed, dtype, shardMb, patchSize };
         cmd.SetAction(r =>
         {
             var type = r.GetValue(dtype) switch
@@ -80,9 +84,10 @@ internal static class PolicyVerbs
             };
             if (r.GetValue(shardMb) <= 0) throw new UsageException("--max-shard-mb must be positive");
             var name = r.GetValue(preset)!;
-            CheckpointPreset.Get(name); // validates the name before anything is written
+            var sizes = CheckpointPreset.Get(name); // validates the name (and the patch size) before anything is written
+            if (r.GetValue(patchSize) is int patch) sizes = sizes.WithPatchSize(patch);
             using var progress = new ConsoleProgress($"make-checkpoint {name}");
-            CheckpointMaker.Write(r.GetValue(outDir)!, name, r.GetValue(seed), type, r.GetValue(shardMb) * 1_000_000, progress);
+            CheckpointMaker.Write(r.GetValue(outDir)!, sizes, r.GetValue(seed), type, r.GetValue(shardMb) * 1_000_000, progress);
             Console.WriteLine(Path.GetFullPath(r.GetValue(outDir)!));
             return CliExit.Ok;
         });

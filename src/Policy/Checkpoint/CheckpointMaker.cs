@@ -39,6 +39,19 @@ public sealed record CheckpointPreset(
         _ => throw new PolicyInputException($"unknown preset '{name}' (valid: {string.Join(", ", Names)})"),
     };
 
+    /// <summary>
+    /// This preset with both towers cut into <paramref name="patchSize"/>-pixel patches instead: a finer (or coarser) grid of
+    /// image tokens, (image size / patch)² per tower, with everything else unchanged. Only the presets with our own tower
+    /// sizes have a patch size to choose; openvla-7b's towers are the published ones.
+    /// </summary>
+    public CheckpointPreset WithPatchSize(int patchSize)
+    {
+        if (Published) throw new PolicyInputException($"preset '{Name}' has the published towers; their patch size is fixed (14)");
+        if (patchSize < 1 || ImageSize % patchSize != 0)
+            throw new PolicyInputException($"patch size {patchSize} does not divide the {Name} preset's {ImageSize} px image");
+        return this with { Dino = Dino! with { PatchSize = patchSize }, SigLip = SigLip! with { PatchSize = patchSize } };
+    }
+
     static LlamaConfig Llama(int hidden, int layers, int heads, int intermediate, int tokenizerVocab) =>
         new(VocabSize: (tokenizerVocab + 1 + 63) / 64 * 64, hidden, intermediate, layers, heads, heads, 1e-6, 10000, 2048, PadTokenId: tokenizerVocab);
 }
@@ -53,17 +66,23 @@ public sealed record CheckpointPreset(
 public static class CheckpointMaker
 {
     public static VlaConfig Write(string dir, string presetName, int seed, ScalarType dtype, long maxShardBytes = 5_000_000_000,
+        IProgress<double>? progress = null) =>
+        Write(dir, CheckpointPreset.Get(presetName), seed, dtype, maxShardBytes, progress);
+
+    public static VlaConfig Write(string dir, CheckpointPreset preset, int seed, ScalarType dtype, long maxShardBytes = 5_000_000_000,
         IProgress<double>? progress = null)
     {
-        var config = WriteMetadata(dir, presetName, dtype);
+        var config = WriteMetadata(dir, preset, dtype);
         WriteWeights(dir, config, seed, dtype, maxShardBytes, progress);
         return config;
     }
 
     /// <summary>Everything but the weights: config, statistics, tokenizer, preprocessor and generation configs.</summary>
-    public static VlaConfig WriteMetadata(string dir, string presetName, ScalarType dtype)
+    public static VlaConfig WriteMetadata(string dir, string presetName, ScalarType dtype) =>
+        WriteMetadata(dir, CheckpointPreset.Get(presetName), dtype);
+
+    public static VlaConfig WriteMetadata(string dir, CheckpointPreset preset, ScalarType dtype)
     {
-        var preset = CheckpointPreset.Get(presetName);
         Directory.CreateDirectory(dir);
         var configJson = ConfigJson(preset, dtype);
         File.WriteAllText(Path.Combine(dir, "config.json"), configJson.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
