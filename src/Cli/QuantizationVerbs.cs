@@ -24,7 +24,7 @@ internal static class QuantizationVerbs
         var dtype = new Option<string>("--dtype") { Description = "stored precision: bf16 or f32", Required = true };
         var decode = new Option<string?>("--decode")
         {
-            Description = "record the checkpoint's decoding in generation_config.json (greedy | sample[:T][,top_k=K][,top_p=P]); default: keep the source's",
+            Description = "record the checkpoint's decoding in generation_config.json (greedy | sample[:T][,top_k=K][,top_p=P][,gripper=greedy]); default: keep the source's",
         };
         var cmd = new Command("convert",
             "Write a copy of a checkpoint in another float precision (e.g. a full training run's f32 weights as bf16, as published checkpoints are).")

@@ -21,15 +21,26 @@ public enum DecodingMode
 /// <summary>
 /// The decoding rule of <see cref="VlaPolicy"/>. Text form (the CLI's <c>--decode</c>): <c>greedy</c>, <c>expected</c>, or
 /// <c>sample[:ITEM,ITEM…]</c> where an item is a bare temperature or one of <c>temperature=</c>, <c>top_k=</c> (0 = off),
-/// <c>top_p=</c>, <c>seed=</c>; the defaults are Hugging Face's (temperature 1, top_k 50, top_p 1) and seed 0.
+/// <c>top_p=</c>, <c>seed=</c>, <c>gripper=greedy|sample</c>; the defaults are Hugging Face's (temperature 1, top_k 50,
+/// top_p 1), seed 0 and a sampled gripper.
 /// A checkpoint states its own rule the Hugging Face way, in generation_config.json (<see cref="FromGenerationConfig"/>).
 /// Sampling is reproducible per loaded policy: the same sequence of batches gives the same actions.
 /// </summary>
-public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0, int TopK = 50, double TopP = 1.0, long Seed = 0)
+/// <param name="GreedyGripper">
+/// Sampling only: take the argmax for the last action dimension, the gripper (OpenVLA's convention), and sample the others.
+/// The gripper is a two-way decision held over many steps, so a sampled token that flips it for one step opens a grasp
+/// or closes on nothing; the arm's dimensions are where sampling breaks a one-frame policy's stalls (docs/benchmarks.md).
+/// Not a Hugging Face option: generation_config.json carries it as our key <c>openvla_gripper_decoding</c>.
+/// </param>
+public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0, int TopK = 50, double TopP = 1.0, long Seed = 0,
+    bool GreedyGripper = false)
 {
     public static ActionDecoding Greedy { get; } = new(DecodingMode.Greedy);
 
-    public const string Syntax = "greedy | expected | sample[:T][,top_k=K][,top_p=P][,seed=S]";
+    public const string Syntax = "greedy | expected | sample[:T][,top_k=K][,top_p=P][,seed=S][,gripper=greedy]";
+
+    /// <summary>generation_config.json's key for <see cref="GreedyGripper"/> ("greedy" or "sample"); Hugging Face ignores it.</summary>
+    public const string GripperKey = "openvla_gripper_decoding";
 
     public static ActionDecoding Parse(string text)
     {
@@ -54,7 +65,8 @@ public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0,
                 "top_k" => d with { TopK = (int)Integer(text, key, value) },
                 "top_p" => d with { TopP = Number(text, key, value) },
                 "seed" => d with { Seed = Integer(text, key, value) },
-                _ => throw new PolicyInputException($"decoding '{text}': unknown parameter '{key}' (temperature, top_k, top_p, seed)"),
+                "gripper" => d with { GreedyGripper = Gripper(text, value) },
+                _ => throw new PolicyInputException($"decoding '{text}': unknown parameter '{key}' (temperature, top_k, top_p, seed, gripper)"),
             };
         }
         return d.Validated(text);
@@ -84,6 +96,12 @@ public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0,
         {
             throw new CheckpointException($"{path}: temperature, top_k and top_p must be numbers");
         }
+        if (root.TryGetProperty(GripperKey, out var g) && g.ValueKind != JsonValueKind.Null)
+        {
+            if (g.ValueKind != JsonValueKind.String) throw new CheckpointException($"{path}: {GripperKey} must be \"greedy\" or \"sample\"");
+            try { d = d with { GreedyGripper = Gripper(path, g.GetString()!) }; }
+            catch (PolicyInputException e) { throw new CheckpointException(e.Message); }
+        }
         try { return d.Validated(path); }
         catch (PolicyInputException e) { throw new CheckpointException(e.Message); }
     }
@@ -97,13 +115,14 @@ public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0,
             throw new PolicyInputException("expected decoding has no generation_config.json form (do_sample covers greedy and sampling only)");
         var root = File.Exists(path) ? JsonNode.Parse(File.ReadAllText(path)) as JsonObject
             ?? throw new CheckpointException($"{path}: not a JSON object") : new JsonObject();
-        foreach (var key in new[] { "do_sample", "temperature", "top_k", "top_p" }) root.Remove(key);
+        foreach (var key in new[] { "do_sample", "temperature", "top_k", "top_p", GripperKey }) root.Remove(key);
         if (Mode == DecodingMode.Sample)
         {
             root["do_sample"] = true;
             root["temperature"] = Temperature;
             root["top_k"] = TopK;
             root["top_p"] = TopP;
+            if (GreedyGripper) root[GripperKey] = "greedy";
         }
         File.WriteAllText(path, root.ToJsonString());
     }
@@ -117,6 +136,13 @@ public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0,
         return this;
     }
 
+    static bool Gripper(string source, string value) => value.Trim().ToLowerInvariant() switch
+    {
+        "greedy" => true,
+        "sample" => false,
+        _ => throw new PolicyInputException($"decoding '{source}': gripper must be greedy or sample, got '{value}'"),
+    };
+
     static double Number(string text, string key, string value) =>
         double.TryParse(value, NumberStyles.Float, CultureInfo.InvariantCulture, out var v)
             ? v : throw new PolicyInputException($"decoding '{text}': {key} must be a number, got '{value}'");
@@ -129,6 +155,7 @@ public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0,
     {
         DecodingMode.Greedy => "greedy",
         DecodingMode.Expected => "expected",
-        _ => string.Create(CultureInfo.InvariantCulture, $"sample:temperature={Temperature:0.####},top_k={TopK},top_p={TopP:0.####},seed={Seed}"),
+        _ => string.Create(CultureInfo.InvariantCulture, $"sample:temperature={Temperature:0.####},top_k={TopK},top_p={TopP:0.####},seed={Seed}")
+            + (GreedyGripper ? ",gripper=greedy" : ""),
     };
 }

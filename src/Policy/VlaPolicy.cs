@@ -259,6 +259,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
                 var mean = (softmax(action, -1) * _binCentres).sum(-1).cpu().data<float>().ToArray();
                 for (int b = 0; b < values!.Length; b++) values[b][step] = mean[b];
             }
+            else if (Decoding.GreedyGripper && step == tokens[0].Length - 1) next = logits.argmax(-1);   // the gripper, last
             else next = Sample(logits.squeeze(1));
         }
         Record(next, tokens, step);

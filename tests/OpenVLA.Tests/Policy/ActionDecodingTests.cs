@@ -132,6 +132,47 @@ public class ActionDecodingTests
         }
     }
 
+    [Fact]
+    public void A_greedy_gripper_takes_the_argmax_of_the_last_dimension_after_sampled_arm_tokens()
+    {
+        var (o, _) = First();
+        using var policy = VlaPolicy.Load(Golden, new PolicyOptions { Decoding = "sample:1.5,top_k=0,seed=4,gripper=greedy" });
+        var chains = Enumerable.Range(0, 8).Select(_ => policy.Predict(o).ActionTokenIds).ToArray();
+        // The arm's six tokens are still drawn: eight draws of a random model at T 1.5 over the whole vocabulary differ.
+        Assert.True(chains.Select(c => string.Join(",", c[..6])).Distinct().Count() > 1, "the arm's tokens should be sampled");
+
+        using var check = VlaPolicy.Load(Golden);
+        foreach (var chain in chains)
+        {
+            // The gripper token is the argmax of the logits that the chain's own sampled tokens produce.
+            var last = StepLogits(check, o, chain)[6];
+            Assert.Equal(Array.IndexOf(last, last.Max()), chain[6]);
+        }
+    }
+
+    [Fact]
+    public void The_greedy_gripper_round_trips_through_the_text_form_and_generation_config()
+    {
+        var d = ActionDecoding.Parse("sample:0.8,gripper=greedy");
+        Assert.Equal(new ActionDecoding(DecodingMode.Sample, 0.8, GreedyGripper: true), d);
+        Assert.Equal(d, ActionDecoding.Parse(d.ToString()));
+        Assert.False(ActionDecoding.Parse("sample:0.8,gripper=sample").GreedyGripper);
+
+        using var tmp = new TestPaths.TempDir();
+        var config = Path.Combine(tmp.Path, "generation_config.json");
+        d.WriteGenerationConfig(config);
+        Assert.Equal("greedy", (string)JsonNode.Parse(File.ReadAllText(config))![ActionDecoding.GripperKey]!);
+        Assert.Equal(d, ActionDecoding.FromGenerationConfig(config));
+        // Written again without it, the key goes: a sampled gripper is Hugging Face's behaviour and needs no key.
+        (d with { GreedyGripper = false }).WriteGenerationConfig(config);
+        Assert.False(JsonNode.Parse(File.ReadAllText(config))!.AsObject().ContainsKey(ActionDecoding.GripperKey));
+
+        File.WriteAllText(config, "{\"do_sample\": true, \"" + ActionDecoding.GripperKey + "\": \"argmax\"}");
+        Assert.Contains("gripper must be greedy or sample", Assert.Throws<CheckpointException>(() => ActionDecoding.FromGenerationConfig(config)).Message);
+        File.WriteAllText(config, "{\"do_sample\": true, \"" + ActionDecoding.GripperKey + "\": 1}");
+        Assert.Contains(ActionDecoding.GripperKey, Assert.Throws<CheckpointException>(() => ActionDecoding.FromGenerationConfig(config)).Message);
+    }
+
     sealed class SequenceComparer : IEqualityComparer<int[]>
     {
         public bool Equals(int[]? x, int[]? y) => x!.SequenceEqual(y!);
@@ -156,6 +197,7 @@ public class ActionDecodingTests
     [InlineData("sample:top_p=1.5", "top_p must be in (0, 1]")]
     [InlineData("sample:top_k=2.5", "top_k must be an integer")]
     [InlineData("sample:beams=4", "unknown parameter 'beams'")]
+    [InlineData("sample:gripper=argmax", "gripper must be greedy or sample")]
     public void Refuses_a_bad_decoding_with_one_line(string text, string message)
     {
         var e = Assert.Throws<PolicyInputException>(() => ActionDecoding.Parse(text));
