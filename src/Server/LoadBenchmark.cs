@@ -170,6 +170,9 @@ public static class LoadBenchmark
                 if (wait > TimeSpan.Zero) await Task.Delay(wait, cancellationToken);
                 var now = clock.Elapsed;
                 if (now >= stopAt) break;
+                // A camera that fell behind (its thread was late) drops the ticks it missed, as a real one would, instead
+                // of sending them back to back: a burst would make the server replace the older frame and count it stale.
+                if (now - next >= period) next += TimeSpan.FromTicks((now - next).Ticks / period.Ticks * period.Ticks);
                 var observation = Observations.FromEncoded(frames[(robot * 7 + (int)seq) % frames.Length], $"robot {robot}: pick up the block", ImageEncoding.Jpeg, key);
                 observation.Seq = seq;
                 observation.RobotId = $"robot-{robot}";
