@@ -83,10 +83,10 @@ internal static class FineTuneVerbs
             if (Quantization(r).Mode != QuantMode.None)
             {
                 // The int8 kernels take bf16 activations (their f32 path is a slow reference).
-                if (r.GetValue(DType) is { } d && StoredType(d) != torch.ScalarType.BFloat16) throw new UsageException("--quantize int8 trains with bf16 activations; drop --dtype f32");
+                if (r.GetValue(DType) is { } d && PolicyOptions.ParseDType(d) != torch.ScalarType.BFloat16) throw new UsageException("--quantize int8 trains with bf16 activations; drop --dtype f32");
                 return torch.ScalarType.BFloat16;
             }
-            return StoredType(r.GetValue(DType) ?? (r.GetValue(Full) ? "f32" : "bf16"));
+            return PolicyOptions.ParseDType(r.GetValue(DType) ?? (r.GetValue(Full) ? "f32" : "bf16"));
         }
 
         public QuantizationOptions Quantization(ParseResult r) => r.GetValue(Quantize) switch
@@ -291,7 +291,7 @@ internal static class FineTuneVerbs
         cmd.SetAction(r =>
         {
             var checkpoint = VlaCheckpoint.Open(r.GetValue(baseDir)!);
-            var stored = StoredType(r.GetValue(dtype) ?? checkpoint.Config.TorchDType);
+            var stored = PolicyOptions.ParseDType(r.GetValue(dtype) ?? checkpoint.Config.TorchDType);
             // Merge in float32 and round once to the stored precision (re-merging in bf16 is a known source of drift).
             using var model = new OpenVlaModel(checkpoint.Config, ModelPrecision.Cpu(torch.ScalarType.Float32));
             WeightLoader.Load(model, checkpoint);
@@ -410,12 +410,6 @@ internal static class FineTuneVerbs
         return list;
     }
 
-    internal static torch.ScalarType StoredType(string name) => name switch
-    {
-        "bf16" or "bfloat16" => torch.ScalarType.BFloat16,
-        "f32" or "float32" => torch.ScalarType.Float32,
-        _ => throw new UsageException($"unknown dtype '{name}' (valid: bf16, f32)"),
-    };
 }
 
 

@@ -22,9 +22,18 @@ internal sealed class ModelOptions
         Description = $"action decoding: {ActionDecoding.Syntax} (default: the checkpoint's generation_config.json; greedy when it states no sampling)",
     };
 
+    public Option<int?> ActionChunk { get; } = new("--action-chunk")
+    {
+        Description = "OpenVLA-OFT: actions per chunk (default: config.json's \"oft\" block, else the reference's constants for the dataset: LIBERO 8, ALOHA 25, Bridge 5)",
+    };
+    public Option<int?> NumImages { get; } = new("--num-images")
+    {
+        Description = "OpenVLA-OFT: cameras per observation (default: config.json's \"oft\" block, else LIBERO 2, ALOHA 3, Bridge 1)",
+    };
+
     public void AddTo(Command command)
     {
-        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Int4MinMax, Device, Threads, Adapter, Decode }) command.Options.Add(o);
+        foreach (var o in new Option[] { DType, Quantize, GroupSize, KeepVisionFloat, Int4MinMax, Device, Threads, Adapter, Decode, ActionChunk, NumImages }) command.Options.Add(o);
     }
 
     public PolicyOptions Read(ParseResult r, bool centerCrop = false)
@@ -33,8 +42,10 @@ internal sealed class ModelOptions
         {
             DType = r.GetValue(DType), Quantize = r.GetValue(Quantize)!, GroupSize = r.GetValue(GroupSize),
             QuantizeVision = !r.GetValue(KeepVisionFloat), Int4RangeSearch = !r.GetValue(Int4MinMax), Device = r.GetValue(Device)!, Threads = r.GetValue(Threads), CenterCrop = centerCrop,
-            Adapter = r.GetValue(Adapter), Decoding = r.GetValue(Decode),
+            Adapter = r.GetValue(Adapter), Decoding = r.GetValue(Decode), ActionChunk = r.GetValue(ActionChunk), NumImages = r.GetValue(NumImages),
         };
+        if (options.ActionChunk is <= 0) throw new UsageException("--action-chunk must be positive");
+        if (options.NumImages is <= 0) throw new UsageException("--num-images must be positive");
         if (options.Threads is <= 0) throw new UsageException("--threads must be positive");
         _ = options.ScalarType;   // validates --dtype
         _ = options.Quantization; // validates --quantize and --group-size

@@ -16,50 +16,90 @@ internal static class PolicyVerbs
 
     static Command Predict()
     {
-        var checkpoint = new Option<string?>("--checkpoint") { Description = $"Hugging Face OpenVLA checkpoint directory (default: the embedded {DefaultModel.Name})" };
-        var image = new Option<string>("--image") { Description = "camera frame (PNG or JPEG)", Required = true };
+        var checkpoint = new Option<string?>("--checkpoint") { Description = $"Hugging Face OpenVLA or OpenVLA-OFT checkpoint directory (default: the embedded {DefaultModel.Name})" };
+        var image = new Option<string[]>("--image")
+        {
+            Description = "camera frame (PNG or JPEG); repeat it for a model with several cameras, third-person first (OFT: --image full.png --image wrist.png)",
+            Required = true,
+        };
+        var proprio = new Option<string?>("--proprio") { Description = "OpenVLA-OFT: the robot's proprioceptive state, comma-separated, in the dataset's units" };
         var instruction = new Option<string>("--instruction") { Description = "what the robot should do", Required = true };
         var unnormKey = new Option<string?>("--unnorm-key") { Description = "dataset statistics to un-normalize with (required when the checkpoint has several)" };
         var centerCrop = new Option<bool>("--center-crop") { Description = "center crop (area 0.9) for checkpoints trained with image augmentation" };
         var model = new ModelOptions();
         var json = new Option<bool>("--json") { Description = "print one JSON object" };
-        var cmd = new Command("predict", "Predict one action from a frame and an instruction, offline.")
-            { checkpoint, image, instruction, unnormKey, centerCrop, json };
+        var cmd = new Command("predict", "Predict an action (OpenVLA) or a chunk of actions (OpenVLA-OFT) from frames and an instruction, offline.")
+            { checkpoint, image, proprio, instruction, unnormKey, centerCrop, json };
         model.AddTo(cmd);
         cmd.SetAction(r =>
         {
             var options = model.Read(r, r.GetValue(centerCrop));
-            var frame = ImageDecoder.Load(r.GetValue(image)!);
+            var frames = r.GetValue(image)!.Select(ImageDecoder.Load).ToArray();
+            var state = r.GetValue(proprio) is string text ? ParseVector(text, "--proprio") : null;
             using var policy = VlaPolicy.Load(DefaultModel.Resolve(r.GetValue(checkpoint)), options);
-            var p = policy.Predict(new VlaObservation([frame], r.GetValue(instruction)!, r.GetValue(unnormKey)));
+            if (state is not null && policy.Description.ProprioDim == 0)
+                throw new UsageException("--proprio given, but this model takes no proprioceptive state");
+            var p = policy.Predict(new VlaObservation(frames, r.GetValue(instruction)!, r.GetValue(unnormKey), state));
             if (r.GetValue(json)) Console.WriteLine(PredictionJson(p).ToJsonString());
             else
             {
-                Console.WriteLine($"action ({p.UnnormKey}): [{string.Join(", ", p.Action.Select(v => v.ToString("0.#####")))}]");
-                Console.WriteLine($"tokens: [{string.Join(", ", p.ActionTokenIds)}]");
+                string Vec(float[] v) => "[" + string.Join(", ", v.Select(x => x.ToString("0.#####"))) + "]";
+                if (p.ChunkLength == 1) Console.WriteLine($"action ({p.UnnormKey}): {Vec(p.Action)}");
+                else
+                {
+                    Console.WriteLine($"actions ({p.UnnormKey}, chunk of {p.ChunkLength}):");
+                    for (int k = 0; k < p.ChunkLength; k++) Console.WriteLine($"  {k}: {Vec(p.Actions[k])}");
+                }
+                if (p.ActionTokenIds.Length > 0) Console.WriteLine($"tokens: [{string.Join(", ", p.ActionTokenIds)}]");
                 var t = p.Timings;
-                Console.WriteLine($"ms: preprocess {t.PreprocessMs:0.0}, vision {t.VisionMs:0.0}, prefill {t.PrefillMs:0.0}, decode {t.DecodeMs:0.0}, total {t.TotalMs:0.0}");
+                Console.WriteLine(p.ActionTokenIds.Length > 0 || p.ChunkLength == 1
+                    ? $"ms: preprocess {t.PreprocessMs:0.0}, vision {t.VisionMs:0.0}, prefill {t.PrefillMs:0.0}, decode {t.DecodeMs:0.0}, total {t.TotalMs:0.0}"
+                    : $"ms: preprocess {t.PreprocessMs:0.0}, vision {t.VisionMs:0.0}, language model {t.PrefillMs:0.0}, action head {t.DecodeMs:0.0}, total {t.TotalMs:0.0}");
             }
             return CliExit.Ok;
         });
         return cmd;
     }
 
-    /// <summary>The predict contract: one object with action, normalized_action, token ids, unnorm_key and timings_ms.</summary>
-    public static JsonObject PredictionJson(ActionPrediction p) => new()
+    /// <summary>"v1,v2,..." → floats; anything else (empty items, words, NaN, infinities) is the user's error.</summary>
+    internal static float[] ParseVector(string text, string option)
     {
-        ["action"] = new JsonArray(p.Action.Select(v => (JsonNode)v).ToArray()),
-        ["normalized_action"] = new JsonArray(p.NormalizedAction.Select(v => (JsonNode)v).ToArray()),
-        ["action_token_ids"] = new JsonArray(p.ActionTokenIds.Select(v => (JsonNode)v).ToArray()),
-        ["prompt_token_ids"] = new JsonArray(p.PromptTokenIds.Select(v => (JsonNode)v).ToArray()),
-        ["unnorm_key"] = p.UnnormKey,
-        ["timings_ms"] = new JsonObject
+        var items = text.Split(',', StringSplitOptions.TrimEntries);
+        var values = new float[items.Length];
+        for (int i = 0; i < items.Length; i++)
+            if (!float.TryParse(items[i], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out values[i]) || !float.IsFinite(values[i]))
+                throw new UsageException($"{option}: '{items[i]}' (item {i + 1}) is not a finite number");
+        return values;
+    }
+
+    /// <summary>The predict contract: one object with the chunk ("actions", "normalized_actions"), its first action
+    /// ("action"), prompt ids, unnorm_key and timings_ms; a token head (plain OpenVLA) adds "normalized_action" and
+    /// "action_token_ids".</summary>
+    public static JsonObject PredictionJson(ActionPrediction p)
+    {
+        JsonArray Row(float[] v) => new(v.Select(x => (JsonNode)x).ToArray());
+        JsonArray Rows(float[][] m) => new(m.Select(r => (JsonNode)Row(r)).ToArray());
+        var o = new JsonObject
+        {
+            ["actions"] = Rows(p.Actions),
+            ["normalized_actions"] = Rows(p.NormalizedActions),
+            ["action"] = Row(p.Action),
+        };
+        if (p.ActionTokenIds.Length > 0 || p.ChunkLength == 1)
+        {
+            o["normalized_action"] = Row(p.NormalizedAction);
+            o["action_token_ids"] = new JsonArray(p.ActionTokenIds.Select(v => (JsonNode)v).ToArray());
+        }
+        o["prompt_token_ids"] = new JsonArray(p.PromptTokenIds.Select(v => (JsonNode)v).ToArray());
+        o["unnorm_key"] = p.UnnormKey;
+        o["timings_ms"] = new JsonObject
         {
             ["preprocess"] = Math.Round(p.Timings.PreprocessMs, 3), ["vision"] = Math.Round(p.Timings.VisionMs, 3),
             ["prefill"] = Math.Round(p.Timings.PrefillMs, 3), ["decode"] = Math.Round(p.Timings.DecodeMs, 3),
             ["total"] = Math.Round(p.Timings.TotalMs, 3),
-        },
-    };
+        };
+        return o;
+    }
 
     static Command MakeCheckpoint()
     {

@@ -35,7 +35,7 @@ internal static class QuantizationVerbs
             if (decoding?.Mode == DecodingMode.Expected)
                 throw new UsageException("--decode expected has no generation_config.json form (do_sample covers greedy and sampling only)");
             var source = VlaCheckpoint.Open(r.GetValue(checkpoint)!);
-            var stored = FineTuneVerbs.StoredType(r.GetValue(dtype)!);
+            var stored = PolicyOptions.ParseDType(r.GetValue(dtype)!);
             if (source.Config.StoredQuantization is not null) throw new UsageException("--checkpoint is pre-quantized; convert needs a bf16/f32 checkpoint");
             // Load in f32 and round once to the stored precision.
             using var model = new OpenVlaModel(source.Config, ModelPrecision.Cpu(torch.ScalarType.Float32));

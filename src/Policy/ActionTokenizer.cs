@@ -1,3 +1,5 @@
+using OpenVLA.Policy.Checkpoint;
+
 namespace OpenVLA.Policy;
 
 /// <summary>
@@ -46,32 +48,51 @@ public sealed class ActionTokenizer
     }
 }
 
-/// <summary>OpenVLA BOUNDS_Q99 (un)normalization of actions with a dataset's q01/q99 and mask (openvla-model.md §3.2–3.3).</summary>
+/// <summary>
+/// (Un)normalization of actions and proprio with a dataset's statistics, in plain arrays (openvla-model.md §3.2–3.3,
+/// docs/oft.md). Plain OpenVLA un-normalizes with q01/q99 and no epsilon; OpenVLA-OFT adds 1e-8 to the range and may use
+/// min/max (BOUNDS) instead of q01/q99. Dimensions whose mask is false pass through unchanged.
+/// </summary>
 public static class ActionNormalizer
 {
-    /// <summary>a = 0.5·(n+1)·(q99−q01) + q01 where mask; the normalized value itself where not.</summary>
-    public static float[] Unnormalize(IReadOnlyList<double> normalized, ActionStats stats)
+    /// <summary>Plain OpenVLA: a = 0.5·(n+1)·(q99−q01) + q01 where mask; the normalized value itself where not.</summary>
+    public static float[] Unnormalize(IReadOnlyList<double> normalized, ActionStats stats) => Unnormalize(normalized, stats, BoundsNormalization.Q99, 0);
+
+    /// <summary>a = 0.5·(n+1)·(high−low+ε) + low where mask (openvla-oft _unnormalize_actions uses ε = 1e-8).</summary>
+    public static float[] Unnormalize(IReadOnlyList<double> normalized, ActionStats stats, BoundsNormalization bounds, double epsilon)
     {
-        if (normalized.Count != stats.Q01.Length)
-            throw new ArgumentException($"action has {normalized.Count} dims, statistics have {stats.Q01.Length}");
+        var (low, high) = Bounds(stats, bounds);
+        if (normalized.Count != low.Length)
+            throw new ArgumentException($"action has {normalized.Count} dims, statistics have {low.Length}");
         var a = new float[normalized.Count];
         for (int i = 0; i < a.Length; i++)
         {
             bool mask = stats.Mask.Length == 0 || stats.Mask[i];
-            a[i] = mask ? (float)(0.5 * (normalized[i] + 1) * (stats.Q99[i] - stats.Q01[i]) + stats.Q01[i]) : (float)normalized[i];
+            a[i] = mask ? (float)(0.5 * (normalized[i] + 1) * (high[i] - low[i] + epsilon) + low[i]) : (float)normalized[i];
         }
         return a;
     }
 
-    /// <summary>n = clip(2(x−q01)/(q99−q01+1e-8) − 1, −1, 1) where mask; x where not.</summary>
-    public static double[] Normalize(IReadOnlyList<float> action, ActionStats stats)
+    /// <summary>n = clip(2(x−low)/(high−low+1e-8) − 1, −1, 1) where mask; x where not, also clipped (openvla-oft
+    /// normalize_proprio clips every dimension).</summary>
+    public static double[] Normalize(IReadOnlyList<float> values, ActionStats stats, BoundsNormalization bounds = BoundsNormalization.Q99, bool clipUnmasked = false)
     {
-        var n = new double[action.Count];
+        var (low, high) = Bounds(stats, bounds);
+        if (values.Count != low.Length) throw new ArgumentException($"vector has {values.Count} dims, statistics have {low.Length}");
+        var n = new double[values.Count];
         for (int i = 0; i < n.Length; i++)
         {
             bool mask = stats.Mask.Length == 0 || stats.Mask[i];
-            n[i] = mask ? Math.Clamp(2.0 * (action[i] - stats.Q01[i]) / (stats.Q99[i] - stats.Q01[i] + 1e-8) - 1.0, -1.0, 1.0) : action[i];
+            double x = mask ? 2.0 * (values[i] - low[i]) / (high[i] - low[i] + 1e-8) - 1.0 : values[i];
+            n[i] = mask || clipUnmasked ? Math.Clamp(x, -1.0, 1.0) : x;
         }
         return n;
     }
+
+    static (double[] Low, double[] High) Bounds(ActionStats stats, BoundsNormalization bounds) => bounds switch
+    {
+        BoundsNormalization.Q99 => (stats.Q01, stats.Q99),
+        _ => (stats.Min ?? throw new PolicyInputException("the statistics lack 'min', which BOUNDS normalization needs"),
+              stats.Max ?? throw new PolicyInputException("the statistics lack 'max', which BOUNDS normalization needs")),
+    };
 }

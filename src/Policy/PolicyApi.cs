@@ -12,20 +12,36 @@ public sealed record RgbImage(int Width, int Height, byte[] Pixels)
     }
 }
 
-/// <summary>What the robot sees and is told: one image per camera the model takes (OpenVLA: one), and the instruction.</summary>
-public sealed record VlaObservation(IReadOnlyList<RgbImage> Images, string Instruction, string? UnnormKey = null);
+/// <summary>What the robot sees and is told: one image per camera the model takes (OpenVLA: one; OpenVLA-OFT: as many as
+/// it was trained with, third-person first), the instruction and, for models that take it, the robot's proprioceptive
+/// state in the dataset's raw units (the policy normalizes it with the checkpoint's statistics).</summary>
+public sealed record VlaObservation(IReadOnlyList<RgbImage> Images, string Instruction, string? UnnormKey = null, IReadOnlyList<float>? Proprio = null);
 
 /// <summary>Wall-clock milliseconds of each stage of one forward pass (shared by every observation of a batch).</summary>
 public sealed record StageTimings(double PreprocessMs, double VisionMs, double PrefillMs, double DecodeMs, double TotalMs);
 
-/// <summary>One predicted action: un-normalized values, the normalized bin centres they came from, and the token ids.</summary>
+/// <summary>
+/// One prediction: a chunk of actions [chunk][action_dim], un-normalized and normalized (plain OpenVLA predicts a chunk
+/// of one, OpenVLA-OFT several in one forward pass), the action token ids when the head decodes tokens (empty for a
+/// continuous head), the prompt ids, and the stage timings.
+/// </summary>
 public sealed record ActionPrediction(
-    float[] Action,
-    float[] NormalizedAction,
+    float[][] Actions,
+    float[][] NormalizedActions,
     int[] ActionTokenIds,
     int[] PromptTokenIds,
     string UnnormKey,
-    StageTimings Timings);
+    StageTimings Timings)
+{
+    /// <summary>The first action of the chunk: the one to execute now.</summary>
+    public float[] Action => Actions[0];
+    public float[] NormalizedAction => NormalizedActions[0];
+    public int ChunkLength => Actions.Length;
+
+    /// <summary>A chunk of one action (plain OpenVLA).</summary>
+    public static ActionPrediction Single(float[] action, float[] normalized, int[] tokenIds, int[] promptIds, string unnormKey, StageTimings timings) =>
+        new([action], [normalized], tokenIds, promptIds, unnormKey, timings);
+}
 
 /// <summary>Dataset statistics used to un-normalize actions (the OpenVLA `norm_stats` entry of one dataset).</summary>
 public sealed record ActionStats(double[] Q01, double[] Q99, bool[] Mask, double[]? Mean = null, double[]? Std = null, double[]? Min = null, double[]? Max = null);
@@ -40,7 +56,17 @@ public sealed record PolicyDescription(
     string ResizeStrategy,
     string Precision,
     string Quantization,
-    IReadOnlyDictionary<string, ActionStats> UnnormStats);
+    IReadOnlyDictionary<string, ActionStats> UnnormStats)
+{
+    /// <summary>Actions per prediction (1 for plain OpenVLA).</summary>
+    public int ChunkLength { get; init; } = 1;
+    /// <summary>Length of the proprioceptive state the policy takes; 0 when it takes none.</summary>
+    public int ProprioDim { get; init; }
+    /// <summary>One name per camera, in the order observations give the images.</summary>
+    public IReadOnlyList<string> CameraNames { get; init; } = ["primary"];
+    /// <summary>How actions are produced: "autoregressive-tokens" (OpenVLA) or "parallel-l1" (OpenVLA-OFT).</summary>
+    public string ActionHead { get; init; } = "autoregressive-tokens";
+}
 
 /// <summary>A policy that maps a batch of observations to one action each. <see cref="VlaPolicy"/> is the real one.</summary>
 public interface IActionPolicy

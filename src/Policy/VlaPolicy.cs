@@ -36,27 +36,42 @@ public sealed record PolicyOptions
     /// generation_config.json states (greedy, the reference, when it states no sampling).</summary>
     public string? Decoding { get; init; }
 
+    /// <summary>OpenVLA-OFT: actions per chunk, overriding config.json and the platform constants (null: not stated).</summary>
+    public int? ActionChunk { get; init; }
+    /// <summary>OpenVLA-OFT: cameras per observation, overriding config.json and the platform constants.</summary>
+    public int? NumImages { get; init; }
+
+    public OftOverrides Oft => new(ActionChunk, NumImages);
+
     /// <summary>The parsed <see cref="Decoding"/> (null when the checkpoint decides).</summary>
     public ActionDecoding? ActionDecoding => Decoding is null ? null : OpenVLA.Policy.ActionDecoding.Parse(Decoding);
 
     public Quantization.QuantizationOptions Quantization => OpenVLA.Policy.Quantization.QuantizationOptions.Parse(Quantize, GroupSize, QuantizeVision, Int4RangeSearch);
 
-    public ScalarType ScalarType => DType switch
+    // Quantized with f32 activations runs the kernels' exact scalar path: a reference, 10–20× slower than bf16.
+    public ScalarType ScalarType => DType is null ? (Quantize == "none" ? ScalarType.Float32 : ScalarType.BFloat16) : ParseDType(DType);
+
+    /// <summary>"f32"/"float32" or "bf16"/"bfloat16" → the TorchSharp type; anything else is the user's error.</summary>
+    public static ScalarType ParseDType(string name) => name switch
     {
-        null => Quantize == "none" ? ScalarType.Float32 : ScalarType.BFloat16,
-        // Quantized with f32 activations runs the kernels' exact scalar path: a reference, 10–20× slower than bf16.
         "f32" or "float32" => ScalarType.Float32,
         "bf16" or "bfloat16" => ScalarType.BFloat16,
-        _ => throw new PolicyInputException($"unknown dtype '{DType}' (valid: f32, bf16)"),
+        _ => throw new PolicyInputException($"unknown dtype '{name}' (valid: f32, bf16)"),
     };
 
 }
 
 /// <summary>
-/// An OpenVLA policy loaded from a Hugging Face checkpoint directory: frame(s) + instruction → 7-D action, following the
-/// reference predict_action (openvla-model.md §3.2): prompt with the lone "▁" appended, image tokens right after BOS,
-/// greedy decoding (or another <see cref="ActionDecoding"/>) of action_dim tokens with a KV cache, bin-centre de-tokenization, q01/q99 un-normalization.
-/// Several observations run as one batch: prompts are left-padded so all rows decode in lock-step.
+/// An OpenVLA or OpenVLA-OFT policy loaded from a checkpoint directory: frame(s) (+ proprio) + instruction → a chunk of
+/// actions. The action head is a strategy chosen by the checkpoint's files:
+/// <list type="bullet">
+/// <item>autoregressive tokens (OpenVLA, openvla-model.md §3.2): prompt with the lone "▁" appended, image tokens right
+/// after BOS, greedy decoding (or another <see cref="ActionDecoding"/>) of action_dim tokens with a KV cache, bin-centre
+/// de-tokenization, q01/q99 un-normalization — a chunk of one. Rows of a batch are left-padded to decode in lock-step.</item>
+/// <item>parallel L1 regression (OpenVLA-OFT, docs/oft.md): one bidirectional pass over the prompt, placeholders for the
+/// whole chunk and the stop token; an MLP-ResNet reads the chunk from the final hidden states; OFT un-normalization.
+/// Rows are right-padded.</item>
+/// </list>
 /// </summary>
 public sealed class VlaPolicy : IActionPolicy, IDisposable
 {
@@ -64,6 +79,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     readonly ImagePreprocessor _preprocessor;
     readonly Generator? _sampler;
     readonly Tensor _binCentres;   // [NumBins] f32: the normalized value of action token FirstActionId + j
+    readonly OftSpec? _oft;
 
     public VlaCheckpoint Checkpoint { get; }
     public OpenVlaModel Model { get; }
@@ -79,26 +95,32 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     VlaPolicy(VlaCheckpoint checkpoint, OpenVlaModel model, VlaTokenizer tokenizer, PolicyOptions options, LoadReport report, Device device)
     {
         Checkpoint = checkpoint; Model = model; Tokenizer = tokenizer; Options = options; LoadReport = report; Device = device;
+        _oft = model.Oft;
         ActionTokenizer = new ActionTokenizer(checkpoint.Config.TokenizerVocabSize, checkpoint.Config.NActionBins);
         Decoding = options.ActionDecoding ?? ActionDecoding.FromGenerationConfig(Path.Combine(checkpoint.Directory, "generation_config.json"));
         _binCentres = tensor(Enumerable.Range(0, ActionTokenizer.NumBins).Select(j => (float)ActionTokenizer.Decode(ActionTokenizer.FirstActionId + j)).ToArray(), device: device);
         if (Decoding.Mode == DecodingMode.Sample) _sampler = new Generator((ulong)Decoding.Seed, torch.CPU);   // probabilities are sampled on the CPU
-        _preprocessor = new ImagePreprocessor(File.Exists(checkpoint.PreprocessorConfigPath)
-            ? PreprocessorConfig.Load(checkpoint.PreprocessorConfigPath)
-            : PreprocessorConfig.CreateDefault(checkpoint.Config.ImageSize));
-        var (h, w) = _preprocessor.Config.OutputSize;
-        if (h != checkpoint.Config.ImageSize || w != checkpoint.Config.ImageSize)
-            throw new CheckpointException($"{checkpoint.PreprocessorConfigPath}: output size {h}x{w} differs from config.json image_sizes {checkpoint.Config.ImageSize}");
+        _preprocessor = ImagePreprocessor.ForCheckpoint(checkpoint);
         Description = new PolicyDescription(
             ModelId: Path.GetFileName(Path.GetFullPath(checkpoint.Directory).TrimEnd('/')),
-            Architecture: "OpenVLAForActionPrediction",
-            ActionDim: checkpoint.NormStats.Values.FirstOrDefault()?.Q01.Length ?? 7,
+            Architecture: _oft is null ? "OpenVLAForActionPrediction" : "OpenVLAForActionPrediction+OFT",
+            ActionDim: _oft?.ActionDim ?? checkpoint.NormStats.Values.FirstOrDefault()?.Q01.Length ?? 7,
             ImageSize: checkpoint.Config.ImageSize,
-            ImagesPerObservation: 1,
+            ImagesPerObservation: _oft?.NumImages ?? 1,
             ResizeStrategy: checkpoint.Config.ImageResizeStrategy,
             Precision: model.Precision.DType == ScalarType.Float32 ? "f32" : "bf16",
             Quantization: checkpoint.Config.StoredQuantization?.Name ?? options.Quantization.Name,
-            UnnormStats: checkpoint.NormStats);
+            UnnormStats: checkpoint.NormStats)
+        {
+            ChunkLength = _oft?.ActionChunk ?? 1,
+            ProprioDim = _oft?.ProprioDim ?? 0,
+            CameraNames = CameraNames(_oft?.NumImages ?? 1),
+            ActionHead = _oft is null ? "autoregressive-tokens" : "parallel-l1",
+        };
+        if (_oft is { ProprioDim: > 0 })
+            foreach (var key in checkpoint.NormStats.Keys)
+                if (!checkpoint.ProprioStats.TryGetValue(key, out var ps) || ps.Q01.Length != _oft.ProprioDim)
+                    throw new CheckpointException($"{checkpoint.Directory}: the model takes a {_oft.ProprioDim}-D proprio but the statistics of '{key}' have {(ps is null ? "no proprio entry" : $"{ps.Q01.Length} proprio dims")}");
     }
 
     public static VlaPolicy Load(string checkpointDir, PolicyOptions? options = null) => Create(checkpointDir, options, randomSeed: null);
@@ -120,7 +142,17 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         try { device = torch.device(options.Device); }
         catch (Exception e) { throw new PolicyInputException($"unknown device '{options.Device}' ({e.Message.ReplaceLineEndings(" ")})"); }
         var dtype = checkpoint.Config.StoredQuantization is null ? options.ScalarType : ScalarType.BFloat16;
-        var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, device));
+        OftWeights? oftWeights = null;
+        OftSpec? oft;
+        if (randomSeed is null)
+        {
+            oftWeights = OftWeights.Read(checkpointDir, checkpoint.Config, checkpoint.NormStats.Keys, options.Oft);
+            oft = oftWeights?.Spec;
+        }
+        else oft = checkpoint.Config.Raw["oft"] is not null ? OftSpec.FromConfigBlock(checkpointDir, checkpoint.Config, checkpoint.NormStats.Keys, options.Oft) : null;
+        if (oft is { UseFilm: true } && checkpoint.Config.StoredQuantization is not null)
+            throw new CheckpointException($"{checkpointDir}: a pre-quantized checkpoint cannot take a FiLM vision backbone file; quantize at load (--quantize) instead");
+        var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, device), oft);
         try
         {
             LoadReport report;
@@ -129,8 +161,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
                 RandomInit.Fill(model, seed, options.Quantization);
                 report = new LoadReport([], [], 0);
             }
-            else if (options.Adapter is string adapterDir) (report, checkpoint) = LoadWithAdapter(model, checkpoint, adapterDir, options.Quantization);
-            else report = WeightLoader.Load(model, checkpoint, options.Quantization);
+            else (report, checkpoint) = LoadWeights(model, checkpoint, oftWeights, options);
             model.eval();
             return new VlaPolicy(checkpoint, model, tokenizer, options, report, device);
         }
@@ -141,21 +172,45 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         }
     }
 
-    /// <summary>Float base, then the adapter merged in (W + (alpha/r)·B·A, rounded once to the model precision), then the
-    /// requested quantization of the merged weights — the same model `merge` followed by a quantized load gives.</summary>
-    static (LoadReport, VlaCheckpoint) LoadWithAdapter(OpenVlaModel model, VlaCheckpoint checkpoint, string adapterDir, QuantizationOptions quantization)
+    /// <summary>The safetensors (quantized as each weight is read where that is final), then openvla-oft's component
+    /// files, then a LoRA adapter merged in (W + (alpha/r)·B·A, rounded once to the model precision), then quantization
+    /// of what could not be quantized at read: the same model `merge` followed by a quantized load gives.</summary>
+    static (LoadReport, VlaCheckpoint) LoadWeights(OpenVlaModel model, VlaCheckpoint checkpoint, OftWeights? oft, PolicyOptions options)
     {
-        if (checkpoint.Config.StoredQuantization is not null)
+        var quantization = options.Quantization;
+        if (options.Adapter is not null && checkpoint.Config.StoredQuantization is not null)
             throw new PolicyInputException($"{checkpoint.Directory} is pre-quantized; an adapter needs the float base (quantize with --quantize after merging)");
-        var report = WeightLoader.Load(model, checkpoint, QuantizationOptions.None);
-        PeftAdapter.Load(adapterDir, model);
-        PeftAdapter.MergeAll(model);
-        if (quantization.Mode != QuantMode.None)
+        // A layer a later file changes is read in float and quantized at the end.
+        var atRead = options.Adapter is not null ? QuantizationOptions.None
+            : oft?.VisionBackbone is not null ? quantization with { IncludeVision = false } : quantization;
+        var report = WeightLoader.Load(model, checkpoint, atRead, oft is null ? null : OpenVlaModel.IsOftComponent);
+        if (oft is not null)
+        {
+            var unused = new List<string>(report.Unused);
+            oft.Fill(model, unused);
+            report = report with { Unused = unused };
+        }
+        if (options.Adapter is string adapterDir)
+        {
+            PeftAdapter.Load(adapterDir, model);
+            PeftAdapter.MergeAll(model);
+            var statsPath = Path.Combine(adapterDir, "dataset_statistics.json");
+            if (File.Exists(statsPath)) checkpoint = checkpoint.WithStatistics(statsPath);
+        }
+        var final = checkpoint.Config.StoredQuantization ?? quantization;
+        if (final.Mode != QuantMode.None)
             foreach (var (name, module) in model.named_modules())
-                if (module is Linear lin && quantization.Covers(name + ".")) lin.Quantize(quantization);
-        var statsPath = Path.Combine(adapterDir, "dataset_statistics.json");
-        return (report, File.Exists(statsPath) ? checkpoint.WithNormStats(NormStats.Load(statsPath)) : checkpoint);
+                if (module is Linear { Quantized: null } lin && final.Covers(name + ".")) lin.Quantize(final);
+        return (report, checkpoint);
     }
+
+    static IReadOnlyList<string> CameraNames(int cameras) => cameras switch
+    {
+        1 => ["primary"],
+        2 => ["primary", "wrist"],
+        3 => ["primary", "left_wrist", "right_wrist"],
+        _ => ["primary", .. Enumerable.Range(2, cameras - 1).Select(i => $"camera{i}")],
+    };
 
     /// <summary>Resident bytes of weights per component (vision_backbone, projector, language_model).</summary>
     public IReadOnlyDictionary<string, long> WeightBytesByComponent() => WeightMemory.ByComponent(Model);
@@ -168,11 +223,17 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         // Validate everything before any compute, so one bad observation fails fast with its own message.
         var keys = observations.Select(o => Checkpoint.ResolveUnnormKey(o.UnnormKey)).ToArray();
         var prompts = observations.Select(o => Tokenizer.PromptIds(o.Instruction)).ToArray();
-        int actionDim = Checkpoint.NormStats[keys[0]].Q01.Length;
+        int actionDim = _oft?.ActionDim ?? Checkpoint.NormStats[keys[0]].Q01.Length;
         if (keys.Any(k => Checkpoint.NormStats[k].Q01.Length != actionDim))
-            throw new PolicyInputException("observations of one batch must use statistics with the same action dimension");
+            throw new PolicyInputException(_oft is null
+                ? "observations of one batch must use statistics with the same action dimension"
+                : $"the model predicts {actionDim}-D actions but the statistics of '{keys.First(k => Checkpoint.NormStats[k].Q01.Length != actionDim)}' have {Checkpoint.NormStats[keys.First(k => Checkpoint.NormStats[k].Q01.Length != actionDim)].Q01.Length} dims");
+        int cameras = Description.ImagesPerObservation;
         foreach (var o in observations)
-            if (o.Images.Count != 1) throw new PolicyInputException($"the model takes 1 image per observation, got {o.Images.Count}");
+            if (o.Images.Count != cameras)
+                throw new PolicyInputException(cameras == 1 ? $"the model takes 1 image per observation, got {o.Images.Count}"
+                    : $"the model takes {cameras} images per observation ({string.Join(", ", Description.CameraNames)}), got {o.Images.Count}");
+        var proprio = NormalizedProprio(observations, keys);
 
         lock (_gate)
         {
@@ -180,27 +241,105 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             using var scope = NewDisposeScope();
             var total = Stopwatch.StartNew();
             var sw = Stopwatch.StartNew();
-            var pixels = _preprocessor.PreprocessBatch(observations.Select(o => o.Images[0]).ToList(), Options.CenterCrop, Device, Model.Precision.DType);
+            var frames = observations.SelectMany(o => o.Images).ToList();       // row-major: observation, then camera
+            var pixels = _preprocessor.PreprocessBatch(frames, Options.CenterCrop, Device, Model.Precision.DType);
+            if (cameras > 1) pixels = pixels.reshape(observations.Count, 6 * cameras, pixels.shape[2], pixels.shape[3]);
             double preprocessMs = Lap(sw);
 
-            var patches = Model.EncodeImages(pixels);
-            SyncDevice();
-            double visionMs = Lap(sw);
-            cancellationToken.ThrowIfCancellationRequested();
-
-            var (tokens, values, prefillMs, decodeMs) = Generate(patches, prompts, actionDim);
-            var timings = new StageTimings(preprocessMs, visionMs, prefillMs, decodeMs, total.Elapsed.TotalMilliseconds);
-
             var results = new ActionPrediction[observations.Count];
+            if (_oft is null)
+            {
+                var patches = Model.EncodeImages(pixels);
+                SyncDevice();
+                double visionMs = Lap(sw);
+                cancellationToken.ThrowIfCancellationRequested();
+
+                var (tokens, values, prefillMs, decodeMs) = Generate(patches, prompts, actionDim);
+                var timings = new StageTimings(preprocessMs, visionMs, prefillMs, decodeMs, total.Elapsed.TotalMilliseconds);
+                for (int b = 0; b < results.Length; b++)
+                {
+                    var normalized = values?[b] ?? tokens[b].Select(id => ActionTokenizer.Decode(id)).ToArray();
+                    var action = ActionNormalizer.Unnormalize(normalized, Checkpoint.NormStats[keys[b]]);
+                    results[b] = ActionPrediction.Single(action, normalized.Select(v => (float)v).ToArray(), tokens[b], prompts[b], keys[b], timings);
+                }
+                return results;
+            }
+
+            var (chunks, timing) = PredictChunks(pixels, prompts, proprio, cancellationToken);
+            var oftTimings = new StageTimings(preprocessMs, timing.VisionMs, timing.LanguageMs, timing.HeadMs, total.Elapsed.TotalMilliseconds);
             for (int b = 0; b < results.Length; b++)
             {
-                var normalized = values?[b] ?? tokens[b].Select(id => ActionTokenizer.Decode(id)).ToArray();
-                var action = ActionNormalizer.Unnormalize(normalized, Checkpoint.NormStats[keys[b]]);
-                results[b] = new ActionPrediction(action, normalized.Select(v => (float)v).ToArray(), tokens[b], prompts[b], keys[b], timings);
+                var normalizedChunk = chunks[b];
+                var actions = normalizedChunk.Select(n => ActionNormalizer.Unnormalize(n.Select(v => (double)v).ToArray(), Checkpoint.NormStats[keys[b]], _oft.Normalization, 1e-8)).ToArray();
+                results[b] = new ActionPrediction(actions, normalizedChunk, [], prompts[b], keys[b], oftTimings);
             }
             return results;
         }
     }
+
+    /// <summary>Proprio of every row, checked and normalized with its dataset's statistics as openvla-oft
+    /// normalize_proprio does (every dimension clipped to [−1, 1]); null for a model that takes none, which ignores it.</summary>
+    float[][]? NormalizedProprio(IReadOnlyList<VlaObservation> observations, string[] keys)
+    {
+        if (_oft is not { ProprioDim: > 0 } oft) return null;
+        var result = new float[observations.Count][];
+        for (int b = 0; b < result.Length; b++)
+        {
+            var p = observations[b].Proprio ?? throw new PolicyInputException($"the model takes the robot's proprioceptive state ({oft.ProprioDim} values); none was given");
+            if (p.Count != oft.ProprioDim) throw new PolicyInputException($"the model takes a proprio of {oft.ProprioDim} values, got {p.Count}");
+            for (int i = 0; i < p.Count; i++)
+                if (!float.IsFinite(p[i])) throw new PolicyInputException($"proprio value {i} is {p[i]}; every value must be finite");
+            result[b] = ActionNormalizer.Normalize(p, Checkpoint.ProprioStats[keys[b]], oft.Normalization, clipUnmasked: true).Select(v => (float)v).ToArray();
+        }
+        return result;
+    }
+
+    /// <summary>OpenVLA-OFT: every row's ids (prompt, chunk·A placeholders, the stop token), right-padded, through
+    /// <see cref="OpenVlaModel.PredictChunk"/>. Returns the normalized chunks [B][chunk][A].</summary>
+    (float[][][] Chunks, (double VisionMs, double LanguageMs, double HeadMs) Timing) PredictChunks(Tensor pixels, int[][] prompts, float[][]? proprio, CancellationToken cancellationToken)
+    {
+        var oft = _oft!;
+        int batch = prompts.Length, placeholders = oft.ActionChunk * oft.ActionDim;
+        int t = prompts.Max(p => p.Length) + placeholders + 1;
+        var ids = new long[batch * t];
+        var placeholder = new bool[batch * t];
+        var valid = new bool[batch * t];
+        Array.Fill(ids, (long)Checkpoint.Config.Text.PadTokenId);
+        for (int b = 0; b < batch; b++)
+        {
+            int row = b * t, n = prompts[b].Length;
+            for (int i = 0; i < n; i++) { ids[row + i] = prompts[b][i]; valid[row + i] = true; }
+            for (int i = 0; i < placeholders; i++) { ids[row + n + i] = OftPlaceholderId; placeholder[row + n + i] = true; valid[row + n + i] = true; }
+            ids[row + n + placeholders] = Tokenizer.EosId;                // the stop token
+            valid[row + n + placeholders] = true;
+        }
+        cancellationToken.ThrowIfCancellationRequested();
+        var sw = Stopwatch.StartNew();
+        double visionMs = 0, languageMs = 0;
+        void StageDone(string stage)
+        {
+            SyncDevice();
+            if (stage == "vision") visionMs = Lap(sw);
+            else languageMs = Lap(sw);
+        }
+        using var proprioTensor = proprio is null ? null : tensor(proprio.SelectMany(p => p).ToArray(), [batch, proprio[0].Length], device: Device);
+        var chunk = Model.PredictChunk(pixels, tensor(ids, [batch, t], device: Device), tensor(placeholder, [batch, t], device: Device),
+            tensor(valid, [batch, t], device: Device), prompts.Select(p => p.Length).ToArray(), proprioTensor, stageDone: StageDone);
+        var values = chunk.to(ScalarType.Float32).cpu().data<float>().ToArray();
+        double headMs = Lap(sw);
+        var result = new float[batch][][];
+        for (int b = 0; b < batch; b++)
+        {
+            result[b] = new float[oft.ActionChunk][];
+            for (int k = 0; k < oft.ActionChunk; k++)
+                result[b][k] = values.AsSpan((b * oft.ActionChunk + k) * oft.ActionDim, oft.ActionDim).ToArray();
+        }
+        return (result, (visionMs, languageMs, headMs));
+    }
+
+    /// <summary>The id openvla-oft writes at placeholder positions (torch.ones); their embeddings are zeroed, so it only
+    /// has to be a valid id.</summary>
+    const long OftPlaceholderId = 1;
 
     /// <summary>Prefill [BOS, image tokens, prompt…] for every row (left-padded to a common length), then decoding of one
     /// token per action dimension by the policy's <see cref="ActionDecoding"/>. Values is null for greedy (the caller
@@ -219,12 +358,8 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         {
             var ids = tensor(prompts[b].Select(i => (long)i).ToArray(), device: Device).view(1, -1);
             var emb = lm.Embed(ids);                                       // [1, T, H]
-            var parts = new List<Tensor>();
-            if (pads[b] > 0) parts.Add(zeros([1, pads[b], emb.shape[2]], emb.dtype, Device));
-            parts.Add(emb.narrow(1, 0, 1));                                // BOS
-            parts.Add(patches.narrow(0, b, 1));                            // image tokens right after BOS
-            parts.Add(emb.narrow(1, 1, emb.shape[1] - 1));                 // the rest of the prompt
-            rows.Add(cat(parts, 1));
+            var row = OpenVlaModel.Splice(emb, patches.narrow(0, b, 1));  // BOS, image tokens, the rest of the prompt
+            rows.Add(pads[b] > 0 ? cat([zeros([1, pads[b], emb.shape[2]], emb.dtype, Device), row], 1) : row);
         }
         var inputs = cat(rows, 0);
         using var cache = lm.NewCache(batch, maxLen + steps, pads);

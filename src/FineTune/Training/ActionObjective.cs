@@ -61,11 +61,8 @@ public sealed class ActionObjective
     /// <summary>The objective for a checkpoint: its tokenizer, action bins, image preprocessing and pad id.</summary>
     public static ActionObjective ForCheckpoint(OpenVLA.Policy.Checkpoint.VlaCheckpoint checkpoint, VlaTokenizer tokenizer)
     {
-        var preprocessor = new ImagePreprocessor(File.Exists(checkpoint.PreprocessorConfigPath)
-            ? PreprocessorConfig.Load(checkpoint.PreprocessorConfigPath)
-            : PreprocessorConfig.CreateDefault(checkpoint.Config.ImageSize));
         return new ActionObjective(tokenizer, new ActionTokenizer(checkpoint.Config.TokenizerVocabSize, checkpoint.Config.NActionBins),
-            preprocessor, checkpoint.Config.Text.PadTokenId);
+            ImagePreprocessor.ForCheckpoint(checkpoint), checkpoint.Config.Text.PadTokenId);
     }
 
     /// <summary>The token ids of one training sequence and how many of its last tokens are targets (always 8 for 7-D).</summary>
@@ -118,11 +115,8 @@ public sealed class ActionObjective
         onPatches?.Invoke(patches);                                              // e.g. the auxiliary head
         long b = patches.shape[0], p = patches.shape[1], t = batch.InputIds.shape[1];
         var emb = lm.Embed(batch.InputIds);                                      // [B, T, H]
-        var inputs = cat([emb.narrow(1, 0, 1), patches.to(emb.dtype), emb.narrow(1, 1, t - 1)], 1);
-        var device = emb.device;
-        var valid = cat([ones([b, 1 + p], ScalarType.Bool, device), batch.Valid.narrow(1, 1, t - 1)], 1);
-        var labels = cat([batch.Labels.narrow(1, 0, 1), full([b, p], IgnoreIndex, ScalarType.Int64, device), batch.Labels.narrow(1, 1, t - 1)], 1);
-        return (lm.Forward(inputs, valid, layerRunner), labels);
+        var labels = cat([batch.Labels.narrow(1, 0, 1), full([b, p], IgnoreIndex, ScalarType.Int64, emb.device), batch.Labels.narrow(1, 1, t - 1)], 1);
+        return (lm.Forward(OpenVlaModel.Splice(emb, patches), OpenVlaModel.SpliceValid(batch.Valid, p), layerRunner), labels);
     }
 
     /// <summary>Shifted targets: hidden position (b, i) predicts label (b, i+1); only positions with a real label count.

@@ -34,12 +34,36 @@ public static class NormStats
         return result;
     }
 
-    public static Dictionary<string, ActionStats> Load(string path)
+    /// <summary>The "proprio" statistics of each dataset that has them with q01/q99 (OpenVLA-OFT normalizes the robot
+    /// state with them); datasets without a proprio entry are absent from the result.</summary>
+    public static Dictionary<string, ActionStats> ParseProprio(JsonObject root, string source)
+    {
+        var result = new Dictionary<string, ActionStats>(StringComparer.Ordinal);
+        foreach (var (key, node) in root)
+        {
+            if (node is not JsonObject entry || entry["proprio"] is not JsonObject proprio || proprio["q01"] is not JsonArray) continue;
+            double[] Vec(string name) => proprio[name] is JsonArray arr ? arr.Select(v => v!.GetValue<double>()).ToArray() : [];
+            var q01 = Vec("q01");
+            var q99 = Vec("q99");
+            if (q01.Length != q99.Length) throw new CheckpointException($"{source}: '{key}' has {q01.Length} proprio q01 values but {q99.Length} q99 values");
+            bool[] mask = proprio["mask"] is JsonArray m ? m.Select(v => v!.GetValue<bool>()).ToArray() : Enumerable.Repeat(true, q01.Length).ToArray();
+            if (mask.Length != q01.Length) throw new CheckpointException($"{source}: '{key}' proprio mask has {mask.Length} entries for {q01.Length} dims");
+            double[]? Opt(string name) { var v = Vec(name); return v.Length == q01.Length ? v : null; }
+            result[key] = new ActionStats(q01, q99, mask, Opt("mean"), Opt("std"), Opt("min"), Opt("max"));
+        }
+        return result;
+    }
+
+    public static Dictionary<string, ActionStats> Load(string path) => Parse(LoadRoot(path), path);
+
+    /// <summary>The whole statistics object of a dataset_statistics.json.</summary>
+    public static JsonObject LoadRoot(string path)
     {
         try
         {
             var root = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new CheckpointException($"{path}: not a JSON object");
-            return Parse(root, path);
+            Parse(root, path);   // validates the action entries
+            return root;
         }
         catch (JsonException e) { throw new CheckpointException($"{path}: invalid JSON ({e.Message.Split('.')[0]})"); }
         catch (InvalidOperationException e) { throw new CheckpointException($"{path}: unexpected value type ({e.Message})"); }

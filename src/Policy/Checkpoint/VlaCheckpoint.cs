@@ -13,13 +13,15 @@ public sealed class VlaCheckpoint
     public string Directory { get; }
     public VlaConfig Config { get; }
     public IReadOnlyDictionary<string, ActionStats> NormStats { get; }
+    /// <summary>Proprioceptive-state statistics per dataset, where the statistics have them (OpenVLA-OFT uses them).</summary>
+    public IReadOnlyDictionary<string, ActionStats> ProprioStats { get; }
     public IReadOnlyList<string> WeightFiles { get; }
     public string TokenizerPath => Path.Combine(Directory, "tokenizer.model");
     public string PreprocessorConfigPath => Path.Combine(Directory, "preprocessor_config.json");
 
-    VlaCheckpoint(string dir, VlaConfig config, IReadOnlyDictionary<string, ActionStats> stats, IReadOnlyList<string> weights)
+    VlaCheckpoint(string dir, VlaConfig config, IReadOnlyDictionary<string, ActionStats> stats, IReadOnlyDictionary<string, ActionStats> proprio, IReadOnlyList<string> weights)
     {
-        Directory = dir; Config = config; NormStats = stats; WeightFiles = weights;
+        Directory = dir; Config = config; NormStats = stats; ProprioStats = proprio; WeightFiles = weights;
     }
 
     /// <param name="requireWeights">false to read only the metadata (config, statistics, tokenizer) of a directory
@@ -32,17 +34,30 @@ public sealed class VlaCheckpoint
         var config = VlaConfig.Load(configPath);
 
         var statsPath = Path.Combine(dir, "dataset_statistics.json");
-        IReadOnlyDictionary<string, ActionStats> stats = File.Exists(statsPath)
-            ? OpenVLA.Policy.Checkpoint.NormStats.Load(statsPath)
-            : config.Raw["norm_stats"] is JsonObject ns ? OpenVLA.Policy.Checkpoint.NormStats.Parse(ns, configPath + " norm_stats") : new Dictionary<string, ActionStats>();
-
+        var (stats, proprio) = LoadStatistics(File.Exists(statsPath) ? statsPath : null, config, configPath);
         if (!File.Exists(Path.Combine(dir, "tokenizer.model"))) throw new CheckpointException($"{dir}: tokenizer.model is missing");
-        return new VlaCheckpoint(dir, config, stats, requireWeights ? FindWeightFiles(dir) : []);
+        return new VlaCheckpoint(dir, config, stats, proprio, requireWeights ? FindWeightFiles(dir) : []);
     }
 
-    /// <summary>The same checkpoint with other action statistics (a LoRA adapter's dataset_statistics.json replaces the
+    static (Dictionary<string, ActionStats>, Dictionary<string, ActionStats>) LoadStatistics(string? statsPath, VlaConfig config, string configPath)
+    {
+        if (statsPath is not null)
+        {
+            var root = OpenVLA.Policy.Checkpoint.NormStats.LoadRoot(statsPath);
+            return (OpenVLA.Policy.Checkpoint.NormStats.Parse(root, statsPath), OpenVLA.Policy.Checkpoint.NormStats.ParseProprio(root, statsPath));
+        }
+        if (config.Raw["norm_stats"] is JsonObject ns)
+            return (OpenVLA.Policy.Checkpoint.NormStats.Parse(ns, configPath + " norm_stats"), OpenVLA.Policy.Checkpoint.NormStats.ParseProprio(ns, configPath + " norm_stats"));
+        return ([], []);
+    }
+
+    /// <summary>The same checkpoint with the statistics of another dataset_statistics.json (a LoRA adapter's replaces the
     /// base's, as it does next to a merged fine-tune).</summary>
-    public VlaCheckpoint WithNormStats(IReadOnlyDictionary<string, ActionStats> stats) => new(Directory, Config, stats, WeightFiles);
+    public VlaCheckpoint WithStatistics(string statsPath)
+    {
+        var (stats, proprio) = LoadStatistics(statsPath, Config, statsPath);
+        return new(Directory, Config, stats, proprio, WeightFiles);
+    }
 
     static List<string> FindWeightFiles(string dir)
     {

@@ -17,9 +17,10 @@ public sealed record LoadReport(IReadOnlyList<string> Unused, IReadOnlyList<stri
 /// </summary>
 public static class WeightLoader
 {
-    public static LoadReport Load(nn.Module model, VlaCheckpoint checkpoint, QuantizationOptions? quantization = null)
+    /// <param name="loadedElsewhere">parameters that other files fill (OpenVLA-OFT's component files): not expected here</param>
+    public static LoadReport Load(nn.Module model, VlaCheckpoint checkpoint, QuantizationOptions? quantization = null, Func<string, bool>? loadedElsewhere = null)
     {
-        var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        var parameters = model.named_parameters().Where(p => loadedElsewhere?.Invoke(p.name) != true).ToDictionary(p => p.name, p => p.parameter);
         var quantized = new Dictionary<string, Linear>();
         var stored = checkpoint.Config.StoredQuantization;
         var quant = stored ?? quantization ?? QuantizationOptions.None;

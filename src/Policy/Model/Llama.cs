@@ -286,12 +286,14 @@ public sealed class LlamaForCausalLM : nn.Module
     public Tensor Logits(Tensor hidden) => lm_head.forward(hidden);
 
     /// <summary>
-    /// Training forward without a cache: inputs [B, L, H] with right padding, <paramref name="valid"/> [B, L] bool marking
+    /// Forward without a cache: inputs [B, L, H] with right padding, <paramref name="valid"/> [B, L] bool marking
     /// real positions (null: all real). Positions run 0..L−1 as in Hugging Face; a query attends to real keys at or before
-    /// it. <paramref name="layerRunner"/> lets the caller wrap each decoder layer (e.g. gradient checkpointing).
+    /// it, or, with <paramref name="causal"/> false, to every real key (OpenVLA-OFT's parallel decoding: the forked
+    /// transformers' LlamaSdpaAttention replaces the causal mask by its last row, docs/oft.md).
+    /// <paramref name="layerRunner"/> lets the caller wrap each decoder layer (e.g. gradient checkpointing).
     /// Returns normed hidden states [B, L, H].
     /// </summary>
-    public Tensor Forward(Tensor inputsEmbeds, Tensor? valid, Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null)
+    public Tensor Forward(Tensor inputsEmbeds, Tensor? valid, Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null, bool causal = true)
     {
         long b = inputsEmbeds.shape[0], l = inputsEmbeds.shape[1];
         if (l > _c.MaxPositionEmbeddings) throw new PolicyInputException($"sequence of {l} tokens exceeds max_position_embeddings {_c.MaxPositionEmbeddings}");
@@ -309,9 +311,10 @@ public sealed class LlamaForCausalLM : nn.Module
             if (valid is not null)
             {
                 var pos = arange(l, device: device);
-                var causal = pos.view(1, 1, 1, l).le(pos.view(1, 1, l, 1));
-                mask = ((causal & valid.view(b, 1, 1, l)) | pos.view(1, 1, 1, l).eq(pos.view(1, 1, l, 1))).MoveToOuterDisposeScope();
+                var seen = causal ? pos.view(1, 1, 1, l).le(pos.view(1, 1, l, 1)) & valid.view(b, 1, 1, l) : valid.view(b, 1, 1, l);
+                mask = (seen | pos.view(1, 1, 1, l).eq(pos.view(1, 1, l, 1))).MoveToOuterDisposeScope();
             }
+            else if (!causal) mask = ones([1, 1, 1, l], ScalarType.Bool, device).MoveToOuterDisposeScope();   // everything sees everything
         }
         using var scope = NewDisposeScope();
         var x = inputsEmbeds;

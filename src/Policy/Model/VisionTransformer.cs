@@ -104,7 +104,9 @@ public sealed class LayerScale : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x) => x * scale_factor;
 }
 
-/// <summary>Pre-norm ViT block: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))).</summary>
+/// <summary>Pre-norm ViT block: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))). With FiLM (OpenVLA-OFT+,
+/// film_vit_wrapper.py) the block also holds `scale` and `shift` (llm → vision) and modulates between the two halves:
+/// x = x·(1 + scale(l)) + shift(l), l the average language embedding of the row.</summary>
 public sealed class VitBlock : nn.Module<Tensor, Tensor>
 {
     public LayerNorm norm1;
@@ -113,22 +115,35 @@ public sealed class VitBlock : nn.Module<Tensor, Tensor>
     public LayerNorm norm2;
     public VitMlp mlp;
     public LayerScale? ls2;
+    public Linear? scale;
+    public Linear? shift;
 
-    public VitBlock(VitConfig c, ModelPrecision p) : base(nameof(VitBlock))
+    public VitBlock(VitConfig c, ModelPrecision p, int? filmDim = null) : base(nameof(VitBlock))
     {
         norm1 = new LayerNorm(c.EmbedDim, 1e-6, p);
         attn = new VitAttention(c, p);
         norm2 = new LayerNorm(c.EmbedDim, 1e-6, p);
         mlp = new VitMlp(c, p);
         if (c.LayerScale) { ls1 = new LayerScale(c.EmbedDim, p); ls2 = new LayerScale(c.EmbedDim, p); }
+        if (filmDim is int llm) { scale = new Linear(llm, c.EmbedDim, true, p); shift = new Linear(llm, c.EmbedDim, true, p); }
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x)
+    public override Tensor forward(Tensor x) => Forward(x, null);
+
+    /// <summary>x [B, N, D]; <paramref name="language"/> [B, llm], the average language embedding (FiLM blocks only).</summary>
+    public Tensor Forward(Tensor x, Tensor? language)
     {
         using var scope = NewDisposeScope();
         var a = attn.forward(norm1.forward(x));
         x = x.add(ls1 is null ? a : ls1.forward(a), KeptScalars.One);
+        if (scale is not null && shift is not null)
+        {
+            if (language is null) throw new InvalidOperationException("a FiLM block needs the average language embedding");
+            var gamma = scale.forward(language.to(x.dtype)).unsqueeze(1);
+            var beta = shift.forward(language.to(x.dtype)).unsqueeze(1);
+            x = x.mul(gamma.add(KeptScalars.One)).add(beta, KeptScalars.One);
+        }
         var m = mlp.forward(norm2.forward(x));
         x = x.add(ls2 is null ? m : ls2.forward(m), KeptScalars.One);
         return x.MoveToOuterDisposeScope();
@@ -157,20 +172,23 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
 
     public IReadOnlyList<VitBlock> Blocks => _blocks;
 
-    public VisionTransformer(VitConfig c, ModelPrecision p) : base(nameof(VisionTransformer))
+    public VisionTransformer(VitConfig c, ModelPrecision p, int? filmDim = null) : base(nameof(VisionTransformer))
     {
         _config = c;
         if (c.ClassToken) cls_token = p.Empty(1, 1, c.EmbedDim);
         if (c.NumRegisterTokens > 0) reg_token = p.Empty(1, c.NumRegisterTokens, c.EmbedDim);
         pos_embed = p.Empty(1, c.NumPatches, c.EmbedDim);
         patch_embed = new PatchEmbed(c, p);
-        _blocks = Enumerable.Range(0, c.FeatureBlockIndex + 1).Select(_ => new VitBlock(c, p)).ToArray();
+        _blocks = Enumerable.Range(0, c.FeatureBlockIndex + 1).Select(_ => new VitBlock(c, p, filmDim)).ToArray();
         blocks = nn.Sequential(_blocks.Select((blk, i) => (i.ToString(), (nn.Module<Tensor, Tensor>)blk)).ToArray());
         RegisterComponents();
     }
 
     /// <summary>pixels [B, 3, H, W] → patch features [B, numPatches, D] of the second-to-last block.</summary>
-    public override Tensor forward(Tensor pixels)
+    public override Tensor forward(Tensor pixels) => Forward(pixels, null);
+
+    /// <summary>As <see cref="forward"/>, with the average language embedding [B, llm] that FiLM blocks need.</summary>
+    public Tensor Forward(Tensor pixels, Tensor? language)
     {
         using var scope = NewDisposeScope();
         var x = patch_embed.forward(pixels).add(pos_embed, KeptScalars.One);
@@ -179,32 +197,44 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         if (cls_token is not null) prefix.Add(cls_token.expand(b, -1, -1));
         if (reg_token is not null) prefix.Add(reg_token.expand(b, -1, -1));
         if (prefix.Count > 0) x = cat([.. prefix, x], 1);
-        if (BlockRunner is null) x = blocks.forward(x);
-        else foreach (var block in _blocks) x = BlockRunner(block, x, block.forward);
+        if (BlockRunner is null && language is null) x = blocks.forward(x);
+        else foreach (var block in _blocks) x = BlockRunner is null ? block.Forward(x, language) : BlockRunner(block, x, h => block.Forward(h, language));
         return x.narrow(1, _config.NumPrefixTokens, _config.NumPatches).contiguous().MoveToOuterDisposeScope();
     }
 }
 
 /// <summary>DINOv2 (`featurizer`, pixel channels 0–2) and SigLIP (`fused_featurizer`, channels 3–5), features
-/// concatenated per patch: [B, N, 1024] ⊕ [B, N, 1152] → [B, N, 2176] for openvla-7b.</summary>
+/// concatenated per patch: [B, N, 1024] ⊕ [B, N, 1152] → [B, N, 2176] for openvla-7b. Several cameras (OpenVLA-OFT) come
+/// as 6 channels each, [B, 6·C, H, W]; each camera's patches follow the previous camera's: [B, C·N, D].</summary>
 public sealed class FusedVisionBackbone : nn.Module<Tensor, Tensor>
 {
     public VisionTransformer featurizer;
     public VisionTransformer fused_featurizer;
 
-    public FusedVisionBackbone(VlaConfig c, ModelPrecision p) : base(nameof(FusedVisionBackbone))
+    public FusedVisionBackbone(VlaConfig c, ModelPrecision p, int? filmDim = null) : base(nameof(FusedVisionBackbone))
     {
-        featurizer = new VisionTransformer(c.VisionTowers[0], p);
-        fused_featurizer = new VisionTransformer(c.VisionTowers[1], p);
+        featurizer = new VisionTransformer(c.VisionTowers[0], p, filmDim);
+        fused_featurizer = new VisionTransformer(c.VisionTowers[1], p, filmDim);
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor pixelValues)
+    public override Tensor forward(Tensor pixelValues) => Forward(pixelValues, null);
+
+    /// <summary>pixel values [B, 6·C, H, W] → [B, C·N, D]; <paramref name="language"/> [B, llm] for FiLM towers.</summary>
+    public Tensor Forward(Tensor pixelValues, Tensor? language)
     {
         using var scope = NewDisposeScope();
-        var dino = featurizer.forward(pixelValues.narrow(1, 0, 3));
-        var siglip = fused_featurizer.forward(pixelValues.narrow(1, 3, 3));
-        return cat([dino, siglip], 2).MoveToOuterDisposeScope();
+        long b = pixelValues.shape[0], channels = pixelValues.shape[1];
+        if (channels % 6 != 0) throw new ArgumentException($"pixel values need 6 channels per camera, got {channels}");
+        long cameras = channels / 6;
+        // The cameras of a row go through the towers as rows of one batch (what the reference does one camera at a
+        // time): every operation is per row, so the result is the same.
+        var pixels = cameras == 1 ? pixelValues : pixelValues.reshape(b * cameras, 6, pixelValues.shape[2], pixelValues.shape[3]);
+        var lang = language is null || cameras == 1 ? language : language.repeat_interleave(cameras, dim: 0);
+        var dino = featurizer.Forward(pixels.narrow(1, 0, 3), lang);
+        var siglip = fused_featurizer.Forward(pixels.narrow(1, 3, 3), lang);
+        var features = cat([dino, siglip], 2);
+        return (cameras == 1 ? features : features.reshape(b, cameras * features.shape[1], features.shape[2])).MoveToOuterDisposeScope();
     }
 }
 

@@ -14,6 +14,19 @@ public sealed class ImagePreprocessor(PreprocessorConfig config)
 
     public PreprocessorConfig Config { get; } = config;
 
+    /// <summary>The preprocessing a checkpoint states (preprocessor_config.json, else the reference's default for its image
+    /// size); its output size must be config.json's image size.</summary>
+    public static ImagePreprocessor ForCheckpoint(Checkpoint.VlaCheckpoint checkpoint)
+    {
+        var preprocessor = new ImagePreprocessor(File.Exists(checkpoint.PreprocessorConfigPath)
+            ? PreprocessorConfig.Load(checkpoint.PreprocessorConfigPath)
+            : PreprocessorConfig.CreateDefault(checkpoint.Config.ImageSize));
+        var (h, w) = preprocessor.Config.OutputSize;
+        if (h != checkpoint.Config.ImageSize || w != checkpoint.Config.ImageSize)
+            throw new CheckpointException($"{checkpoint.PreprocessorConfigPath}: output size {h}x{w} differs from config.json image_sizes {checkpoint.Config.ImageSize}");
+        return preprocessor;
+    }
+
     /// <summary>One image → float tensor [3·towers, H, W] (6 channels for the fused backbone) on <paramref name="device"/>.</summary>
     /// <param name="centerCrop">Apply the area-0.9 center crop used when evaluating checkpoints trained with image augmentation.</param>
     public Tensor Preprocess(RgbImage image, bool centerCrop = false, Device? device = null, ScalarType dtype = ScalarType.Float32)

@@ -39,7 +39,7 @@ public sealed class RemotePolicy : IActionPolicy, IDisposable
     {
         var calls = observations.Select(o => client.PredictAsync(ToMessage(o), cancellationToken: cancellationToken)).ToArray();
         var replies = Call(() => Task.WhenAll(calls).GetAwaiter().GetResult());
-        return replies.Select(r => new ActionPrediction([.. r.Action.Values], [.. r.Action.Normalized], [.. r.Action.TokenIds], [],
+        return replies.Select(r => ActionPrediction.Single([.. r.Action.Values], [.. r.Action.Normalized], [.. r.Action.TokenIds], [],
             r.Action.UnnormKey, new Policy.StageTimings(r.Timings.PreprocessMs, r.Timings.VisionMs, r.Timings.PrefillMs, r.Timings.DecodeTokensMs,
                 r.Timings.ServerTotalMs))).ToArray();
     }

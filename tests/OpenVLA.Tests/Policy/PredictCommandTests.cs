@@ -26,8 +26,12 @@ public class PredictCommandTests : IClassFixture<PredictCommandTests.TinyCheckpo
         Assert.True(r.ExitCode == 0, r.Stderr);
         using var doc = JsonDocument.Parse(r.Stdout);
         var o = doc.RootElement;
-        Assert.Equal(["action", "normalized_action", "action_token_ids", "prompt_token_ids", "unnorm_key", "timings_ms"],
+        Assert.Equal(["actions", "normalized_actions", "action", "normalized_action", "action_token_ids", "prompt_token_ids", "unnorm_key", "timings_ms"],
             o.EnumerateObject().Select(p => p.Name));
+        // Plain OpenVLA is a chunk of one: the chunk's only row is the action.
+        Assert.Equal(1, o.GetProperty("actions").GetArrayLength());
+        Assert.Equal(o.GetProperty("action").EnumerateArray().Select(v => v.GetDouble()), o.GetProperty("actions")[0].EnumerateArray().Select(v => v.GetDouble()));
+        Assert.Equal(o.GetProperty("normalized_action").EnumerateArray().Select(v => v.GetDouble()), o.GetProperty("normalized_actions")[0].EnumerateArray().Select(v => v.GetDouble()));
         Assert.Equal(7, o.GetProperty("action").GetArrayLength());
         Assert.Equal(7, o.GetProperty("normalized_action").GetArrayLength());
         Assert.Equal(7, o.GetProperty("action_token_ids").GetArrayLength());

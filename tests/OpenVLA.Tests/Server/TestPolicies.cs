@@ -31,7 +31,7 @@ internal class DeterministicPolicy : IActionPolicy
     {
         BatchSizes.Enqueue(observations.Count);
         foreach (var o in observations) Instructions.Enqueue(o.Instruction);
-        return observations.Select(o => new ActionPrediction(
+        return observations.Select(o => ActionPrediction.Single(
             ExpectedAction(o.Images[0], o.Instruction), new float[7], [31800, 31801, 31802, 31803, 31804, 31805, 31806], [1, 2, 3],
             o.UnnormKey ?? "", new StageTimings(0.1, 0.2, 0.3, 0.4, 1.0))).ToArray();
     }

@@ -24,7 +24,7 @@ public sealed class EvaluatorTests : IDisposable
         public IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
         {
             Seen.AddRange(observations);
-            return observations.Select(_ => new ActionPrediction(action, action, [], [], "tabletop", new StageTimings(0, 0, 0, 0, 0))).ToList();
+            return observations.Select(_ => ActionPrediction.Single(action, action, [], [], "tabletop", new StageTimings(0, 0, 0, 0, 0))).ToList();
         }
     }
 

@@ -19,7 +19,7 @@ public class GrpcEvalTests
         public IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
         {
             Interlocked.Add(ref Calls, observations.Count);
-            return observations.Select(_ => new ActionPrediction([0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 1], new int[7], [], "sim_tabletop",
+            return observations.Select(_ => ActionPrediction.Single([0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 1], new int[7], [], "sim_tabletop",
                 new StageTimings(0, 0, 0, 0, 0))).ToList();
         }
     }

@@ -1,0 +1,151 @@
+using OpenVLA.Policy.Model;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace OpenVLA.Policy.Checkpoint;
+
+/// <summary>
+/// The openvla-oft component files of a checkpoint, read (without pickle code, <see cref="TorchStateDict"/>) and matched
+/// to an <see cref="OpenVlaModel"/>: action_head--*.pt → <c>action_head.*</c>, proprio_projector--*.pt →
+/// <c>proprio_projector.*</c>, and for FiLM vision_backbone--*.pt → <c>vision_backbone.*</c>. Keys may carry DDP's
+/// <c>module.</c>. The FiLM file is the state dict of a PEFT-LoRA-wrapped, FiLM-wrapped backbone (docs/oft.md):
+/// <c>blocks.{i}.block.&lt;timm name&gt;</c>, each linear layer as <c>base_layer</c> plus <c>lora_A/lora_B.default</c>,
+/// folded here as W + (alpha/r)·B·A with the reference's alpha = min(r, 16).
+/// </summary>
+public sealed class OftWeights
+{
+    public required OftSpec Spec { get; init; }
+    public required Dictionary<string, TorchTensor> ActionHead { get; init; }
+    public Dictionary<string, TorchTensor>? ProprioProjector { get; init; }
+    /// <summary>The FiLM backbone, already mapped to our parameter names with LoRA folded in.</summary>
+    public Dictionary<string, TorchTensor>? VisionBackbone { get; init; }
+
+    /// <summary>Reads the component files of an OFT checkpoint directory and resolves its constants; null for a plain
+    /// OpenVLA directory.</summary>
+    public static OftWeights? Read(string dir, VlaConfig config, IEnumerable<string> statisticsKeys, OftOverrides overrides)
+    {
+        if (!OftSpec.IsOft(dir, config))
+        {
+            if (overrides.ActionChunk is not null || overrides.NumImages is not null)
+                throw new PolicyInputException($"{dir} is a plain OpenVLA checkpoint (no action_head--*_checkpoint.pt); --action-chunk and --num-images apply to OpenVLA-OFT checkpoints");
+            return null;
+        }
+        var headFile = OftSpec.FindComponent(dir, "action_head")
+            ?? throw new CheckpointException($"{dir}: config.json has an \"oft\" block but there is no action_head--<step>_checkpoint.pt");
+        var proprioFile = OftSpec.FindComponent(dir, "proprio_projector");
+        var visionFile = OftSpec.FindComponent(dir, "vision_backbone");
+        if (OftSpec.FindComponent(dir, "noisy_action_projector") is string diffusion)
+            throw new CheckpointException($"{dir}: {Path.GetFileName(diffusion)} belongs to a diffusion action head, which this runtime does not run (L1-regression heads only)");
+
+        var head = TorchStateDict.StripPrefix(TorchStateDict.Load(headFile), "module.");
+        var fc1 = Require(head, "model.fc1.weight", headFile);
+        var fc2 = Require(head, "model.fc2.weight", headFile);
+        Dictionary<string, TorchTensor>? proprio = null;
+        int? proprioInput = null;
+        if (proprioFile is not null)
+        {
+            proprio = TorchStateDict.StripPrefix(TorchStateDict.Load(proprioFile), "module.");
+            var w = Require(proprio, "fc1.weight", proprioFile);
+            if (w.Shape.Length != 2) throw new CheckpointException($"{Path.GetFileName(proprioFile)}: fc1.weight has shape {w.ShapeText}");
+            proprioInput = (int)w.Shape[1];
+        }
+        Dictionary<string, TorchTensor>? vision = null;
+        bool film = false;
+        if (visionFile is not null)
+        {
+            vision = FoldFilmBackbone(TorchStateDict.StripPrefix(TorchStateDict.Load(visionFile), "module."), visionFile);
+            film = vision.Keys.Any(k => k.Contains(".scale.", StringComparison.Ordinal));
+        }
+        var spec = OftSpec.Resolve(dir, config, statisticsKeys, overrides, headFile, fc2.Shape, fc1.Shape, proprioInput, proprioFile, visionFile, film);
+        return new OftWeights { Spec = spec, ActionHead = head, ProprioProjector = proprio, VisionBackbone = film ? vision : null };
+    }
+
+    /// <summary>Copies the component weights into the model (converted to its dtype). Every parameter of the head and
+    /// the projector must be present with its exact shape, and nothing else may be in their files (load_state_dict's
+    /// strict rule); the FiLM file must hold every vision parameter the model runs.</summary>
+    public void Fill(OpenVlaModel model, List<string> unused)
+    {
+        var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        using var noGrad = torch.no_grad();
+        Strict(parameters, "action_head.", ActionHead, Spec.ActionHeadFile);
+        if (ProprioProjector is not null) Strict(parameters, "proprio_projector.", ProprioProjector, Spec.ProprioProjectorFile!);
+        if (VisionBackbone is not null)
+        {
+            var file = Path.GetFileName(Spec.VisionBackboneFile!);
+            foreach (var (name, param) in parameters.Where(p => p.Key.StartsWith("vision_backbone.", StringComparison.Ordinal)))
+            {
+                if (!VisionBackbone.TryGetValue(name, out var t))
+                    throw new CheckpointException($"{file}: no tensor for '{name}' (expected shape [{string.Join(", ", param.shape)}])");
+                Copy(param, t, name, file);
+            }
+            unused.AddRange(VisionBackbone.Keys.Where(k => !parameters.ContainsKey(k)).Select(k => $"{file}:{k}"));
+        }
+    }
+
+    static void Strict(Dictionary<string, TorchSharp.Modules.Parameter> parameters, string prefix, Dictionary<string, TorchTensor> stateDict, string path)
+    {
+        var file = Path.GetFileName(path);
+        var expected = parameters.Where(p => p.Key.StartsWith(prefix, StringComparison.Ordinal)).ToList();
+        foreach (var (name, param) in expected)
+        {
+            var key = name[prefix.Length..];
+            if (!stateDict.TryGetValue(key, out var t))
+                throw new CheckpointException($"{file}: tensor '{key}' is missing (expected shape [{string.Join(", ", param.shape)}])");
+            Copy(param, t, key, file);
+        }
+        var extra = stateDict.Keys.Where(k => !parameters.ContainsKey(prefix + k)).OrderBy(k => k, StringComparer.Ordinal).ToList();
+        if (extra.Count > 0) throw new CheckpointException($"{file}: {extra.Count} unexpected tensor(s), first '{extra[0]}' (not an L1-regression head / proprio projector of this model)");
+    }
+
+    static void Copy(TorchSharp.Modules.Parameter param, TorchTensor t, string key, string file)
+    {
+        if (!t.Shape.SequenceEqual(param.shape))
+            throw new CheckpointException($"{file}: tensor '{key}' has shape {t.ShapeText}, expected [{string.Join(", ", param.shape)}]");
+        using var src = torch.tensor(t.Data, t.Shape);
+        param.copy_(src);
+    }
+
+    static TorchTensor Require(Dictionary<string, TorchTensor> sd, string key, string path) =>
+        sd.TryGetValue(key, out var t) ? t : throw new CheckpointException($"{Path.GetFileName(path)}: tensor '{key}' is missing (not an openvla-oft L1-regression component)");
+
+    /// <summary>PEFT+FiLM keys → our names: "blocks.{i}.block." → "blocks.{i}.", base_layer + LoRA folded.</summary>
+    static Dictionary<string, TorchTensor> FoldFilmBackbone(Dictionary<string, TorchTensor> sd, string path)
+    {
+        var file = Path.GetFileName(path);
+        var result = new Dictionary<string, TorchTensor>(StringComparer.Ordinal);
+        foreach (var (key, t) in sd)
+        {
+            if (!key.StartsWith("vision_backbone.", StringComparison.Ordinal))
+                throw new CheckpointException($"{file}: key '{key}' is outside vision_backbone.* (not a FiLM vision backbone)");
+            if (key.Contains(".lora_A.", StringComparison.Ordinal) || key.Contains(".lora_B.", StringComparison.Ordinal)) continue;
+            var name = key.Replace(".block.", ".", StringComparison.Ordinal);
+            if (name.Contains(".base_layer.", StringComparison.Ordinal))
+            {
+                var module = key[..key.IndexOf(".base_layer.", StringComparison.Ordinal)];
+                name = name.Replace(".base_layer.", ".", StringComparison.Ordinal);
+                if (key.EndsWith(".weight", StringComparison.Ordinal) && sd.TryGetValue(module + ".lora_A.default.weight", out var a))
+                {
+                    var b = sd.TryGetValue(module + ".lora_B.default.weight", out var bb) ? bb
+                        : throw new CheckpointException($"{file}: '{module}' has lora_A but no lora_B");
+                    result[name] = FoldLora(t, a, b, module, file);
+                    continue;
+                }
+            }
+            if (!result.TryAdd(name, t)) throw new CheckpointException($"{file}: '{name}' is stored twice");
+        }
+        return result;
+    }
+
+    /// <summary>W + (alpha/r)·B·A (in float64), with PEFT's scaling for the reference's alpha = min(r, 16).</summary>
+    static TorchTensor FoldLora(TorchTensor w, TorchTensor a, TorchTensor b, string module, string file)
+    {
+        if (w.Shape.Length != 2 || a.Shape.Length != 2 || b.Shape.Length != 2 || a.Shape[1] != w.Shape[1] || b.Shape[0] != w.Shape[0] || b.Shape[1] != a.Shape[0])
+            throw new CheckpointException($"{file}: LoRA of '{module}' has shapes A {a.ShapeText}, B {b.ShapeText} for a weight {w.ShapeText}");
+        long r = a.Shape[0];
+        double scaling = Math.Min(r, 16) / (double)r;
+        using var scope = NewDisposeScope();
+        var delta = torch.tensor(b.Data, b.Shape).to(ScalarType.Float64).matmul(torch.tensor(a.Data, a.Shape).to(ScalarType.Float64));
+        var merged = torch.tensor(w.Data, w.Shape).to(ScalarType.Float64).add(delta.mul(scaling)).to(ScalarType.Float32);
+        return new TorchTensor(w.DType, w.Shape, merged.data<float>().ToArray());
+    }
+}
