@@ -136,16 +136,20 @@ public sealed class OftWeights
         return result;
     }
 
-    /// <summary>W + (alpha/r)·B·A (in float64), with PEFT's scaling for the reference's alpha = min(r, 16).</summary>
+    /// <summary>W + (alpha/r)·B·A (in float64), with PEFT's scaling for the reference's alpha = min(r, 16). A Conv2d
+    /// (the patch embedding: PEFT's "all-linear" matches it by its name "proj") has A [r, in, k, k] and B [out, r, 1, 1]:
+    /// the same product over the flattened kernel.</summary>
     static TorchTensor FoldLora(TorchTensor w, TorchTensor a, TorchTensor b, string module, string file)
     {
-        if (w.Shape.Length != 2 || a.Shape.Length != 2 || b.Shape.Length != 2 || a.Shape[1] != w.Shape[1] || b.Shape[0] != w.Shape[0] || b.Shape[1] != a.Shape[0])
-            throw new CheckpointException($"{file}: LoRA of '{module}' has shapes A {a.ShapeText}, B {b.ShapeText} for a weight {w.ShapeText}");
-        long r = a.Shape[0];
+        long n = w.Shape[0], k = w.NumElements / Math.Max(1, n), r = a.Shape.Length > 0 ? a.Shape[0] : 0;
+        bool fits = w.Shape.Length >= 2 && a.Shape.Length == w.Shape.Length && b.Shape.Length == w.Shape.Length
+            && r > 0 && a.NumElements == r * k && a.Shape.Skip(1).SequenceEqual(w.Shape.Skip(1))
+            && b.Shape[0] == n && b.Shape[1] == r && b.NumElements == n * r;
+        if (!fits) throw new CheckpointException($"{file}: LoRA of '{module}' has shapes A {a.ShapeText}, B {b.ShapeText} for a weight {w.ShapeText}");
         double scaling = Math.Min(r, 16) / (double)r;
         using var scope = NewDisposeScope();
-        var delta = torch.tensor(b.Data, b.Shape).to(ScalarType.Float64).matmul(torch.tensor(a.Data, a.Shape).to(ScalarType.Float64));
-        var merged = torch.tensor(w.Data, w.Shape).to(ScalarType.Float64).add(delta.mul(scaling)).to(ScalarType.Float32);
+        var delta = torch.tensor(b.Data, [n, r]).to(ScalarType.Float64).matmul(torch.tensor(a.Data, [r, k]).to(ScalarType.Float64));
+        var merged = torch.tensor(w.Data, [n, k]).to(ScalarType.Float64).add(delta.mul(scaling)).to(ScalarType.Float32);
         return new TorchTensor(w.DType, w.Shape, merged.data<float>().ToArray());
     }
 }
