@@ -135,8 +135,9 @@ internal static class ServerVerbs
             if (parse.GetValue(Json)) { Console.WriteLine(JsonFormatter.Default.Format(info)); return CliExit.Ok; }
             Console.WriteLine($"api:           {info.ApiVersion}");
             Console.WriteLine($"model:         {info.ModelId} (version {info.ModelVersion}, {info.Architecture})");
-            Console.WriteLine($"action:        {info.ActionDim} values, chunk {info.ChunkLength}");
-            Console.WriteLine($"images:        {info.ImagesPerObservation} x {info.ImageSize}x{info.ImageSize} ({info.ResizeStrategy}); encodings {string.Join(", ", info.AcceptedEncodings)}");
+            Console.WriteLine($"action:        {info.ActionDim} values, chunk {info.ChunkLength} ({(info.ActionHead.Length > 0 ? info.ActionHead : "autoregressive-tokens")})");
+            Console.WriteLine($"images:        {info.ImagesPerObservation} x {info.ImageSize}x{info.ImageSize} ({info.ResizeStrategy}); cameras {string.Join(", ", info.CameraNames)}; encodings {string.Join(", ", info.AcceptedEncodings)}");
+            Console.WriteLine($"proprio:       {(info.ProprioDim == 0 ? "not used" : $"{info.ProprioDim} values")}");
             Console.WriteLine($"precision:     {info.Precision}, quantization {info.Quantization}");
             Console.WriteLine($"unnorm keys:   {string.Join(", ", info.UnnormKeys.Select(k => $"{k.Name} ({k.StatsSha256[..12]})"))}");
             var l = info.Limits;
@@ -148,19 +149,25 @@ internal static class ServerVerbs
 
     static Command Predict()
     {
-        var image = new Option<string>("--image") { Description = "JPEG or PNG file", Required = true };
+        var image = new Option<string[]>("--image") { Description = "JPEG or PNG file; repeat it for each camera of a multi-camera model, in its camera order", Required = true };
+        var proprio = new Option<string?>("--proprio") { Description = "the robot's proprioceptive state, comma-separated (models with proprio_dim > 0)" };
         var repeat = new Option<int>("--repeat") { Description = "send it this many times and report latency percentiles", DefaultValueFactory = _ => 1 };
-        var command = new Command("predict", "Send one image and instruction; print the action and latency.") { image, Instruction, UnnormKeyOption, repeat };
+        var command = new Command("predict", "Send camera frames and an instruction; print the action (or chunk) and latency.") { image, proprio, Instruction, UnnormKeyOption, repeat };
         command.SetAction(async (parse, cancellationToken) =>
         {
-            var path = parse.GetValue(image)!;
-            if (!File.Exists(path)) throw new UsageException($"--image: file not found: {path}");
-            var bytes = await File.ReadAllBytesAsync(path, cancellationToken);
-            var encoding = Observations.SniffEncoding(bytes) ?? throw new UsageException($"--image {path} is neither JPEG nor PNG");
+            var frames = new List<(byte[], ImageEncoding, string)>();
+            foreach (var path in parse.GetValue(image)!)
+            {
+                if (!File.Exists(path)) throw new UsageException($"--image: file not found: {path}");
+                var bytes = await File.ReadAllBytesAsync(path, cancellationToken);
+                var encoding = Observations.SniffEncoding(bytes) ?? throw new UsageException($"--image {path} is neither JPEG nor PNG");
+                frames.Add((bytes, encoding, frames.Count == 0 ? "primary" : $"camera{frames.Count + 1}"));
+            }
+            var state = parse.GetValue(proprio) is string text ? PolicyVerbs.ParseVector(text, "--proprio") : null;
             int times = parse.GetValue(repeat);
             if (times is < 1 or > 100_000) throw new UsageException($"--repeat must be 1..100000, got {times}");
             using var client = Connect(parse);
-            var observation = Observations.FromEncoded(bytes, parse.GetValue(Instruction)!, encoding, parse.GetValue(UnnormKeyOption));
+            var observation = Observations.FromEncoded(frames, parse.GetValue(Instruction)!, parse.GetValue(UnnormKeyOption), state);
             var latencies = new List<double>();
             PredictResponse? reply = null;
             for (int i = 0; i < times; i++)
@@ -175,12 +182,15 @@ internal static class ServerVerbs
                 Console.WriteLine(JsonSerializer.Serialize(new
                 {
                     action = reply!.Action.Values, normalized = reply.Action.Normalized, token_ids = reply.Action.TokenIds,
+                    actions = Observations.Chunk(reply.Action),
                     unnorm_key = reply.Action.UnnormKey, model_version = reply.ModelVersion, server_timings_ms = JsonFormatter.Default.Format(reply.Timings),
                     latency_ms = summary,
                 }));
             else
             {
-                Console.WriteLine($"action: [{string.Join(", ", reply!.Action.Values.Select(v => v.ToString("F4")))}] (unnorm key {reply.Action.UnnormKey}, model {reply.ModelVersion})");
+                var chunk = Observations.Chunk(reply!.Action);
+                Console.WriteLine($"action: [{string.Join(", ", reply.Action.Values.Select(v => v.ToString("F4")))}] (unnorm key {reply.Action.UnnormKey}, model {reply.ModelVersion})");
+                for (int k = 1; k < chunk.Length; k++) Console.WriteLine($"  then: [{string.Join(", ", chunk[k].Select(v => v.ToString("F4")))}]");
                 var t = reply.Timings;
                 Console.WriteLine($"server: total {t.ServerTotalMs:F1} ms = queue {t.QueueMs:F1} + decode {t.ImageDecodeMs:F1} + model {t.ModelTotalMs:F1} (vision {t.VisionMs:F1}, prefill {t.PrefillMs:F1}, tokens {t.DecodeTokensMs:F1})");
                 Console.WriteLine($"round trip: {summary}");

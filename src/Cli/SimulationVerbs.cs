@@ -147,10 +147,14 @@ internal static class SimulationVerbs
         var decode = new Option<string?>("--decode") { Description = $"checkpoint:DIR policies: action decoding, {OpenVLA.Policy.ActionDecoding.Syntax} (default: the checkpoint's generation_config.json)." };
         var diagnose = Opt("--diagnose", "Run the clean scripted expert beside a learned policy (on state the policy never sees) and report where failed " +
             "episodes stopped and, per expert phase, how far the policy's commands were from the expert's.", false);
+        var executeSteps = new Option<int?>("--execute-steps")
+        {
+            Description = "Actions of each predicted chunk executed open loop before the policy is asked again (default: the whole chunk; OpenVLA's chunk is one action).",
+        };
         var command = new Command("eval", "Evaluate a policy in closed loop on the tabletop suite (success rates with 95% Wilson intervals).")
         {
             suite, tasks, policy, trials, seed, workers, imageSize, settle, videoDir, videos, outDir, json, quantize, dtype, unnormKey, adapter,
-            decode, diagnose,
+            decode, diagnose, executeSteps,
         };
         command.SetAction(parse =>
         {
@@ -181,10 +185,12 @@ internal static class SimulationVerbs
                 "--decode applies to checkpoint:DIR policies (a policy server takes its own --decode)");
             Check(parse.GetValue(adapter) is null || spec is RolloutPolicies.Checkpoint,
                 "--adapter applies to checkpoint:DIR policies (a policy server takes its own --adapter)");
+            Check(parse.GetValue(executeSteps) is null or > 0, "--execute-steps must be positive");
+            Check(parse.GetValue(executeSteps) is null || spec is not RolloutPolicies.Scripted, "--execute-steps applies to learned policies; the scripted expert acts every step");
             int size = parse.GetValue(imageSize) ?? PolicyInputSize(spec);
             Check(size is >= 16 and <= 1024, $"--image-size must be 16..1024, got {size}");
             var options = new EvalOptions(selected, policyText, n, parse.GetValue(seed), w, size, settleSteps, parse.GetValue(videoDir), parse.GetValue(videos),
-                parse.GetValue(diagnose), PolicySettings(spec, load, parse.GetValue(adapter)));
+                parse.GetValue(diagnose), PolicySettings(spec, load, parse.GetValue(adapter)), parse.GetValue(executeSteps));
             var report = Evaluator.Run(options, w > 1 ? WorkerCommand("eval") : null, new ProgressBar("eval", selected.Count * n, "episodes"));
             var files = report.WriteFiles(parse.GetValue(outDir)!);
             Console.WriteLine(parse.GetValue(json) ? report.ToJson() : report.ToMarkdown());

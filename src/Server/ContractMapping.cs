@@ -38,9 +38,13 @@ internal sealed class ContractMapping
             throw Invalid($"proprio has {observation.Proprio.Count} values, the server accepts at most {options.MaxProprio}");
         for (int i = 0; i < observation.Proprio.Count; i++)
             if (!float.IsFinite(observation.Proprio[i])) throw Invalid($"proprio[{i}] is {observation.Proprio[i]} (must be finite)");
+        if (description.ProprioDim > 0 && observation.Proprio.Count != description.ProprioDim)
+            throw Invalid(observation.Proprio.Count == 0 ? $"proprio is missing: the model takes {description.ProprioDim} values"
+                : $"proprio has {observation.Proprio.Count} values, the model takes {description.ProprioDim}");
         int expected = Math.Max(1, description.ImagesPerObservation);
         if (observation.Images.Count != expected)
-            throw Invalid($"expected {expected} image(s) per observation, got {observation.Images.Count}");
+            throw Invalid(expected == 1 ? $"expected 1 image(s) per observation, got {observation.Images.Count}"
+                : $"expected {expected} images per observation ({string.Join(", ", description.CameraNames)}), got {observation.Images.Count}");
 
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
         var images = new RgbImage[observation.Images.Count];
@@ -50,7 +54,8 @@ internal sealed class ContractMapping
             catch (InvalidObservationException e) when (images.Length > 1) { throw Invalid($"image {i}: {e.Message}"); }
         }
         var decodeMs = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-        return (new VlaObservation(images, observation.Instruction, unnormKey), decodeMs);
+        var proprio = description.ProprioDim > 0 ? observation.Proprio.ToArray() : null;
+        return (new VlaObservation(images, observation.Instruction, unnormKey, proprio), decodeMs);
     }
 
     string? ResolveUnnormKey(string requested)
@@ -72,6 +77,8 @@ internal sealed class ContractMapping
         action.Values.AddRange(prediction.Action);
         action.Normalized.AddRange(prediction.NormalizedAction);
         action.TokenIds.AddRange(prediction.ActionTokenIds);
+        for (int k = 0; k < prediction.ChunkLength; k++)
+            action.Chunk.Add(new ActionStep { Values = { prediction.Actions[k] }, Normalized = { prediction.NormalizedActions[k] } });
         return action;
     }
 
@@ -97,14 +104,16 @@ internal sealed class ContractMapping
             ModelVersion = ModelVersion,
             Architecture = description.Architecture,
             ActionDim = (uint)description.ActionDim,
-            ChunkLength = 1,
+            ChunkLength = (uint)description.ChunkLength,
             ImageSize = (uint)description.ImageSize,
             ResizeStrategy = description.ResizeStrategy,
             ImagesPerObservation = (uint)Math.Max(1, description.ImagesPerObservation),
             AcceptedEncodings = { ImageEncoding.RawRgb8, ImageEncoding.Jpeg, ImageEncoding.Png },
             Precision = description.Precision,
             Quantization = description.Quantization,
-            ProprioDim = 0,
+            ProprioDim = (uint)description.ProprioDim,
+            CameraNames = { description.CameraNames },
+            ActionHead = description.ActionHead,
             Limits = new ServerLimits
             {
                 MaxMessageBytes = (ulong)options.MaxMessageBytes,
@@ -144,6 +153,9 @@ internal sealed class ContractMapping
         var text = new StringBuilder()
             .Append(d.ModelId).Append('\n').Append(d.Architecture).Append('\n').Append(d.Precision).Append('\n').Append(d.Quantization)
             .Append('\n').Append(d.ActionDim).Append('\n').Append(d.ImageSize);
+        // Plain models keep the version they had before chunks existed.
+        if (d.ChunkLength != 1 || d.ProprioDim != 0 || d.ImagesPerObservation > 1)
+            text.Append('\n').Append(d.ChunkLength).Append('\n').Append(d.ProprioDim).Append('\n').Append(d.ImagesPerObservation);
         foreach (var key in d.UnnormStats.Keys.Order(StringComparer.Ordinal)) text.Append('\n').Append(key).Append('=').Append(StatsHash(d.UnnormStats[key]));
         return Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(text.ToString())))[..12];
     }

@@ -195,7 +195,8 @@ public sealed class PolicyServer : IAsyncDisposable
         var pixels = new byte[side * side * 3];
         Array.Fill(pixels, (byte)128);
         var images = Enumerable.Range(0, Math.Max(1, description.ImagesPerObservation)).Select(_ => new RgbImage(side, side, pixels)).ToArray();
-        return new VlaObservation(images, "warm up", description.UnnormStats.Keys.Order(StringComparer.Ordinal).FirstOrDefault());
+        return new VlaObservation(images, "warm up", description.UnnormStats.Keys.Order(StringComparer.Ordinal).FirstOrDefault(),
+            description.ProprioDim > 0 ? new float[description.ProprioDim] : null);
     }
 
     void BeginStopping()

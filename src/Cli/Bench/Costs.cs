@@ -21,13 +21,21 @@ internal static class Costs
         return total * batch;
     }
 
-    /// <summary>FLOPs of the prefill over <paramref name="tokens"/> positions (lm_head on the last position only).</summary>
-    public static double PrefillFlops(VlaConfig c, int tokens, int batch)
+    /// <summary>FLOPs of the prefill over <paramref name="tokens"/> positions (lm_head on the last position only). OFT's
+    /// parallel pass (<paramref name="causal"/> false) attends over the full square and runs no lm_head.</summary>
+    public static double PrefillFlops(VlaConfig c, int tokens, int batch, bool causal = true)
     {
         var t = c.Text;
         double perTokenLayer = 2.0 * (2 * t.HiddenSize * t.HiddenSize + 2 * t.HiddenSize * t.NumKeyValueHeads * t.HeadDim + 3 * t.HiddenSize * t.IntermediateSize);
-        double attention = 4.0 * tokens * tokens * t.HiddenSize / 2; // causal: half the square
-        return batch * (t.NumHiddenLayers * (tokens * perTokenLayer + attention) + 2.0 * t.HiddenSize * t.VocabSize);
+        double attention = 4.0 * tokens * tokens * t.HiddenSize / (causal ? 2 : 1);
+        return batch * (t.NumHiddenLayers * (tokens * perTokenLayer + attention) + (causal ? 2.0 * t.HiddenSize * t.VocabSize : 0));
+    }
+
+    /// <summary>FLOPs of the OFT L1 head (MLP-ResNet: fc1 from A·H to H, two H×H blocks, fc2 to A) over a chunk.</summary>
+    public static double OftHeadFlops(VlaConfig c, OftSpec oft, int batch)
+    {
+        double h = c.Text.HiddenSize, a = oft.ActionDim;
+        return batch * oft.ActionChunk * 2.0 * (a * h * h + 2 * h * h + h * a);
     }
 
     /// <summary>Bytes one decode step must read: every language-model weight once (as stored) plus the KV cache.</summary>

@@ -10,7 +10,8 @@ namespace OpenVLA.Cli.Bench;
 internal sealed record InferenceResult(
     string Preset, string Precision, int Batch, int Repeats,
     double VisionMs, double PrefillMs, double DecodeTokenMs, double ActionMs, double ActionMsMin, double ActionMsMax,
-    double ActionsPerSecond, long PeakRssBytes, long WeightBytes, double ComputeRoofline, double DecodeRoofline, int PromptTokens);
+    double ActionsPerSecond, long PeakRssBytes, long WeightBytes, double ComputeRoofline, double DecodeRoofline, int PromptTokens,
+    int Chunk = 1, int Cameras = 1);
 
 /// <summary>
 /// The inference benchmark: for each preset × precision × batch, random weights built in place in the target precision
@@ -31,7 +32,7 @@ internal static class InferenceBench
             {
                 foreach (var precision in precisions)
                 {
-                    if (preset == "openvla-7b" && precision == "f32")
+                    if (preset.StartsWith("openvla-7b", StringComparison.Ordinal) && precision == "f32")
                     {
                         log($"{preset} f32: skipped (30 GB of float32 weights do not fit in {machine.MemoryGiB:0} GiB)");
                         continue;
@@ -45,14 +46,19 @@ internal static class InferenceBench
                         "int4" => new PolicyOptions { Quantize = "int4", GroupSize = preset == "tiny" ? 32 : 128 }, // tiny layers are 32 wide
                         _ => throw new UsageException($"unknown precision '{precision}' (valid: f32, bf16, int8, int4)"),
                     };
-                    log($"{preset} {precision}: building random weights");
-                    using var policy = VlaPolicy.CreateWithRandomWeights(dir, options, seed: 1);
-                    long weightBytes = policy.WeightBytesByComponent().Values.Sum();
-                    foreach (var batch in batches)
+                    // An OFT preset is measured with one camera and with two (its default): the 1.2× goal is stated for one.
+                    int[] cameraCounts = CheckpointPreset.Get(preset).Oft is { } oft ? [1, oft.NumImages] : [1];
+                    foreach (var cameras in cameraCounts.Distinct())
                     {
-                        results.Add(Measure(machine, preset, precision, policy, batch, warmup, repeats, weightBytes));
-                        var r = results[^1];
-                        log($"{preset} {precision} b{batch}: action {r.ActionMs:0.0} ms, {r.ActionsPerSecond:0.00} actions/s");
+                        log($"{preset} {precision}{(cameraCounts.Length > 1 ? $" {cameras} camera(s)" : "")}: building random weights");
+                        using var policy = VlaPolicy.CreateWithRandomWeights(dir, cameraCounts.Length > 1 ? options with { NumImages = cameras } : options, seed: 1);
+                        long weightBytes = policy.WeightBytesByComponent().Values.Sum();
+                        foreach (var batch in batches)
+                        {
+                            results.Add(Measure(machine, preset, precision, policy, batch, warmup, repeats, weightBytes));
+                            var r = results[^1];
+                            log($"{preset} {precision} b{batch}: {(r.Chunk > 1 ? $"chunk of {r.Chunk} {r.ActionMs:0.0} ms" : $"action {r.ActionMs:0.0} ms")}, {r.ActionsPerSecond:0.00} actions/s");
+                        }
                     }
                 }
             }
@@ -64,29 +70,47 @@ internal static class InferenceBench
     static InferenceResult Measure(Machine machine, string preset, string precision, VlaPolicy policy, int batch, int warmup, int repeats, long weightBytes)
     {
         int size = policy.Checkpoint.Config.ImageSize;
+        var d = policy.Description;
         var rng = new Random(batch);
         var observations = Enumerable.Range(0, batch).Select(i =>
         {
-            var px = new byte[size * size * 3];
-            rng.NextBytes(px);
-            return new VlaObservation([new RgbImage(size, size, px)], i % 2 == 0 ? "pick up the red cube" : "put the blue cube on the plate", "sim_tabletop");
+            var images = Enumerable.Range(0, d.ImagesPerObservation).Select(_ =>
+            {
+                var px = new byte[size * size * 3];
+                rng.NextBytes(px);
+                return new RgbImage(size, size, px);
+            }).ToArray();
+            return new VlaObservation(images, i % 2 == 0 ? "pick up the red cube" : "put the blue cube on the plate", "sim_tabletop",
+                d.ProprioDim > 0 ? new float[d.ProprioDim] : null);
         }).ToList();
         for (int i = 0; i < warmup; i++) policy.PredictBatch(observations);
         var timings = new List<StageTimings>();
         for (int i = 0; i < repeats; i++) timings.Add(policy.PredictBatch(observations)[0].Timings);
-        int steps = policy.Checkpoint.NormStats["sim_tabletop"].Q01.Length;
+        var config = policy.Checkpoint.Config;
         int promptTokens = observations.Max(o => policy.Tokenizer.PromptIds(o.Instruction).Length);
-        int seq = promptTokens + policy.Checkpoint.Config.NumPatches;
-
         double vision = Median(timings.Select(t => t.VisionMs + t.PreprocessMs));
         double prefill = Median(timings.Select(t => t.PrefillMs));
-        double decodeToken = Median(timings.Select(t => t.DecodeMs / (steps - 1)));
         double action = Median(timings.Select(t => t.TotalMs));
-        double computeFloorMs = (Costs.VisionFlops(policy.Checkpoint.Config, batch) + Costs.PrefillFlops(policy.Checkpoint.Config, seq, batch)) / (machine.Bf16GemmGflops * 1e9) * 1e3;
+        var (min, max) = (timings.Min(t => t.TotalMs), timings.Max(t => t.TotalMs));
+        double rate = machine.Bf16GemmGflops * 1e9;
+        if (policy.Model.Oft is { } oft)
+        {
+            // One parallel pass: vision of every camera, the language model over [BOS, patches, proprio, prompt,
+            // placeholders, stop], the head ("decode" carries the head's time; no per-token decode exists).
+            int tokens = d.ImagesPerObservation * config.NumPatches + (d.ProprioDim > 0 ? 1 : 0) + promptTokens + oft.ActionChunk * oft.ActionDim + 1;
+            double flops = Costs.VisionFlops(config, batch * d.ImagesPerObservation) + Costs.PrefillFlops(config, tokens, batch, causal: false) + Costs.OftHeadFlops(config, oft, batch);
+            double head = Median(timings.Select(t => t.DecodeMs));
+            return new InferenceResult(preset, precision, batch, repeats, vision, prefill + head, double.NaN, action, min, max,
+                batch * oft.ActionChunk / (action / 1e3), ProcessMemory.PeakRss(), weightBytes, action / (flops / rate * 1e3), double.NaN, promptTokens,
+                oft.ActionChunk, d.ImagesPerObservation);
+        }
+        int steps = policy.Checkpoint.NormStats["sim_tabletop"].Q01.Length;
+        int seq = promptTokens + config.NumPatches;
+        double decodeToken = Median(timings.Select(t => t.DecodeMs / (steps - 1)));
+        double computeFloorMs = (Costs.VisionFlops(config, batch) + Costs.PrefillFlops(config, seq, batch)) / rate * 1e3;
         double decodeFloorMs = Costs.DecodeBytes(policy.Model, seq + steps / 2, batch) / (machine.ReadBandwidthGBs * 1e9) * 1e3;
-        return new InferenceResult(preset, precision, batch, repeats, vision, prefill, decodeToken, action,
-            timings.Min(t => t.TotalMs), timings.Max(t => t.TotalMs), batch / (action / 1e3), ProcessMemory.PeakRss(), weightBytes,
-            (vision + prefill) / computeFloorMs, decodeToken / decodeFloorMs, promptTokens);
+        return new InferenceResult(preset, precision, batch, repeats, vision, prefill, decodeToken, action, min, max,
+            batch / (action / 1e3), ProcessMemory.PeakRss(), weightBytes, (vision + prefill) / computeFloorMs, decodeToken / decodeFloorMs, promptTokens);
     }
 
     public static double Median(IEnumerable<double> values)
@@ -101,13 +125,15 @@ internal static class InferenceBench
         sb.AppendLine($"Measured {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC by `./openvla bench` on {m.Cpu}, {m.Cores} cores, {m.MemoryGiB:0.0} GiB, " +
                       $"{m.TorchThreads} torch threads; {warmup} warm-up + {repeats} timed batches per row, medians (action latency: median and min–max).");
         sb.AppendLine($"Ceilings measured in the same run: bf16 GEMM {m.Bf16GemmGflops:0} GFLOP/s (512×2048·2048×2048), read bandwidth {m.ReadBandwidthGBs:0.0} GB/s (1 GiB float32 sum).");
-        sb.AppendLine("Roofline ratio = measured ÷ floor; compute floor = (vision + projector + prefill FLOPs) ÷ GEMM rate, decode floor = (language-model weight bytes + KV cache) ÷ bandwidth. 1.0 is the ceiling.");
+        sb.AppendLine("Roofline ratio = measured ÷ floor; compute floor = (vision + projector + prefill FLOPs) ÷ GEMM rate, decode floor = (language-model weight bytes + KV cache) ÷ bandwidth. 1.0 is the ceiling. " +
+                      "OpenVLA-OFT rows (chunk > 1) are one parallel pass per chunk: their prefill column is the language model plus the action head, and their compute ratio is the whole chunk's time ÷ (vision + bidirectional pass + head FLOPs at the GEMM rate).");
         sb.AppendLine();
-        sb.AppendLine("| preset | weights | batch | weight MB | vision ms | prefill ms | decode ms/token | action ms (min–max) | actions/s | peak RSS MB | vision+prefill ÷ floor | decode ÷ floor |");
-        sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+        sb.AppendLine("| preset | weights | cameras | batch | weight MB | vision ms | prefill ms | decode ms/token | chunk | chunk ms (min–max) | ms per action | actions/s | peak RSS MB | compute ÷ floor | decode ÷ floor |");
+        sb.AppendLine("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
+        static string N(double v, string format) => double.IsNaN(v) ? "–" : v.ToString(format, System.Globalization.CultureInfo.InvariantCulture);
         foreach (var r in results)
-            sb.AppendLine($"| {r.Preset} | {r.Precision} | {r.Batch} | {r.WeightBytes / 1e6:0} | {r.VisionMs:0.0} | {r.PrefillMs:0.0} | {r.DecodeTokenMs:0.00} | " +
-                          $"{r.ActionMs:0.0} ({r.ActionMsMin:0.0}–{r.ActionMsMax:0.0}) | {r.ActionsPerSecond:0.00} | {r.PeakRssBytes / 1e6:0} | {r.ComputeRoofline:0.00} | {r.DecodeRoofline:0.00} |");
+            sb.AppendLine($"| {r.Preset} | {r.Precision} | {r.Cameras} | {r.Batch} | {r.WeightBytes / 1e6:0} | {r.VisionMs:0.0} | {r.PrefillMs:0.0} | {N(r.DecodeTokenMs, "0.00")} | {r.Chunk} | " +
+                          $"{r.ActionMs:0.0} ({r.ActionMsMin:0.0}–{r.ActionMsMax:0.0}) | {r.ActionMs / r.Chunk:0.0} | {r.ActionsPerSecond:0.00} | {r.PeakRssBytes / 1e6:0} | {r.ComputeRoofline:0.00} | {N(r.DecodeRoofline, "0.00")} |");
         return sb.ToString();
     }
 }

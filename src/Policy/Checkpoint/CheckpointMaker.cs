@@ -6,16 +6,23 @@ using static TorchSharp.torch;
 
 namespace OpenVLA.Policy.Checkpoint;
 
-/// <summary>Sizes of a generated checkpoint. `openvla-7b` is the published architecture.</summary>
+/// <summary>The OpenVLA-OFT part of a preset: LIBERO's constants by default (chunks of 8, an 8-D proprio, two cameras).</summary>
+public sealed record OftPreset(int ActionChunk = 8, int ProprioDim = 8, int NumImages = 2);
+
+/// <summary>Sizes of a generated checkpoint. `openvla-7b` is the published architecture; the `oft` presets add an
+/// OpenVLA-OFT L1 head and proprio projector with the openvla-oft sizes (hidden = the language model's width).</summary>
 public sealed record CheckpointPreset(
-    string Name, int ImageSize, VitConfig? Dino, VitConfig? SigLip, LlamaConfig Text, int TokenizerVocab)
+    string Name, int ImageSize, VitConfig? Dino, VitConfig? SigLip, LlamaConfig Text, int TokenizerVocab, OftPreset? Oft = null)
 {
     public bool Published => Dino is null;
 
-    public static IReadOnlyList<string> Names => ["tiny", "small", "mini", "openvla-7b"];
+    public static IReadOnlyList<string> Names => ["tiny", "small", "mini", "openvla-7b", "oft-tiny", "oft-mini", "openvla-7b-oft"];
 
     public static CheckpointPreset Get(string name) => name switch
     {
+        "oft-tiny" => Get("tiny") with { Name = name, Oft = new() },
+        "oft-mini" => Get("mini") with { Name = name, Oft = new() },
+        "openvla-7b-oft" => Get("openvla-7b") with { Name = name, Oft = new() },
         // Unit-test size: runs in milliseconds; every linear width is a multiple of 32 so int4 groups of 32 fit.
         "tiny" => new("tiny", 56,
             new VitConfig(32, 3, 2, 64, 14, 56, 4, true, true, false),
@@ -74,6 +81,7 @@ public static class CheckpointMaker
     {
         var config = WriteMetadata(dir, preset, dtype);
         WriteWeights(dir, config, seed, dtype, maxShardBytes, progress);
+        if (preset.Oft is not null) WriteOftComponents(dir, config, preset.Oft, seed, dtype);
         return config;
     }
 
@@ -88,7 +96,7 @@ public static class CheckpointMaker
         File.WriteAllText(Path.Combine(dir, "config.json"), configJson.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         var config = VlaConfig.Parse(configJson, "config.json");
 
-        File.WriteAllText(Path.Combine(dir, "dataset_statistics.json"), ExampleStats().ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        File.WriteAllText(Path.Combine(dir, "dataset_statistics.json"), ExampleStats(preset.Oft?.ProprioDim ?? 0).ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         File.WriteAllText(Path.Combine(dir, "generation_config.json"),
             new JsonObject { ["bos_token_id"] = 1, ["eos_token_id"] = 2, ["pad_token_id"] = config.Text.PadTokenId, ["transformers_version"] = "4.40.1" }.ToJsonString());
         Preprocessing.PreprocessorConfig.CreateDefault(preset.ImageSize).Save(Path.Combine(dir, Preprocessing.PreprocessorConfig.FileName));
@@ -141,6 +149,31 @@ public static class CheckpointMaker
         }
     }
 
+    /// <summary>openvla-oft's component files with random weights, in its names: action_head--0_checkpoint.pt and
+    /// proprio_projector--0_checkpoint.pt (the keys and shapes of our modules, which are openvla-oft's).</summary>
+    static void WriteOftComponents(string dir, VlaConfig config, OftPreset oft, int seed, ScalarType dtype)
+    {
+        foreach (var stale in Directory.EnumerateFiles(dir, "*--*_checkpoint.pt")) File.Delete(stale);
+        var gen = new Generator((ulong)seed + 7919);
+        var cpu = Model.ModelPrecision.Cpu(ScalarType.Float32);
+        int llm = config.Text.HiddenSize;
+        string stored = dtype == ScalarType.Float32 ? "Float" : "BFloat16";
+        void Save(nn.Module module, string file)
+        {
+            var tensors = new List<(string, long[], float[])>();
+            foreach (var (name, p) in module.named_parameters())
+            {
+                var (mean, std) = RandomInit.MeanStd(name, p.shape);
+                using var t = mean + std * randn(p.shape, generator: gen);
+                tensors.Add((name, p.shape, t.data<float>().ToArray()));
+            }
+            TorchStateDict.Save(Path.Combine(dir, file), tensors, stored);
+        }
+        using (var head = new Model.L1RegressionActionHead(llm, 7, cpu)) Save(head, "action_head--0_checkpoint.pt");
+        if (oft.ProprioDim > 0)
+            using (var projector = new Model.ProprioProjector(oft.ProprioDim, llm, cpu)) Save(projector, "proprio_projector--0_checkpoint.pt");
+    }
+
     static Tensor RandomTensor(TensorSpec s, ScalarType dtype, Generator gen)
     {
         var (mean, std) = RandomInit.MeanStd(s.Name, s.Shape);
@@ -179,11 +212,17 @@ public static class CheckpointMaker
             ["pad_to_multiple_of"] = 64,
             ["output_projector_states"] = false,
             ["n_action_bins"] = 256,
-            ["norm_stats"] = ExampleStats(),
+            ["norm_stats"] = ExampleStats(p.Oft?.ProprioDim ?? 0),
             ["text_config"] = text,
             ["torch_dtype"] = dt,
             ["transformers_version"] = "4.40.1",
         };
+        if (p.Oft is { } oft)
+            root["oft"] = new JsonObject
+            {
+                ["action_chunk"] = oft.ActionChunk, ["action_dim"] = 7, ["proprio_dim"] = oft.ProprioDim, ["num_images"] = oft.NumImages,
+                ["use_film"] = false, ["normalization"] = "bounds_q99",
+            };
         if (!p.Published)
         {
             // Our documented extension for non-published sizes: Llama keys inside text_config, tower sizes in
@@ -209,8 +248,10 @@ public static class CheckpointMaker
     };
 
     /// <summary>Statistics for two datasets: `bridge_orig` with the published openvla-7b q01/q99 (openvla-model.md §3.4)
-    /// and `sim_tabletop`, a symmetric ±2 cm / ±0.1 rad range; both leave the gripper un-normalized.</summary>
-    public static JsonObject ExampleStats()
+    /// and `sim_tabletop`, a symmetric ±2 cm / ±0.1 rad range; both leave the gripper un-normalized. With
+    /// <paramref name="proprioDim"/> &gt; 0 each also has proprio statistics of that length (positions within ±0.5,
+    /// the last two — the fingers — within 0..0.04, as the tabletop robot's state).</summary>
+    public static JsonObject ExampleStats(int proprioDim = 0)
     {
         bool[] mask = [true, true, true, true, true, true, false];
         var bridge = new ActionStats(
@@ -222,10 +263,18 @@ public static class CheckpointMaker
             [-0.02, -0.02, -0.02, -0.1, -0.1, -0.1, 0.0], [0.02, 0.02, 0.02, 0.1, 0.1, 0.1, 1.0], mask,
             Mean: [0, 0, 0, 0, 0, 0, 0.5], Std: [0.01, 0.01, 0.01, 0.05, 0.05, 0.05, 0.5],
             Min: [-0.025, -0.025, -0.025, -0.12, -0.12, -0.12, 0.0], Max: [0.025, 0.025, 0.025, 0.12, 0.12, 0.12, 1.0]);
+        ActionStats? proprio = null;
+        if (proprioDim > 0)
+        {
+            var low = Enumerable.Range(0, proprioDim).Select(i => i >= proprioDim - 2 && proprioDim >= 8 ? 0.0 : -0.5).ToArray();
+            var high = Enumerable.Range(0, proprioDim).Select(i => i >= proprioDim - 2 && proprioDim >= 8 ? 0.04 : 0.5).ToArray();
+            proprio = new ActionStats(low, high, Enumerable.Repeat(true, proprioDim).ToArray(),
+                Mean: low.Zip(high, (a, b) => (a + b) / 2).ToArray(), Std: low.Zip(high, (a, b) => (b - a) / 4).ToArray(), Min: low, Max: high);
+        }
         return new JsonObject
         {
-            ["bridge_orig"] = NormStats.ToJson(bridge, 2135463, 60064),
-            ["sim_tabletop"] = NormStats.ToJson(sim, 10000, 100),
+            ["bridge_orig"] = NormStats.ToJson(bridge, 2135463, 60064, proprio),
+            ["sim_tabletop"] = NormStats.ToJson(sim, 10000, 100, proprio),
         };
     }
 }

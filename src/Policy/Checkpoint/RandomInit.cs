@@ -14,7 +14,8 @@ public static class RandomInit
 {
     public static (double Mean, double Std) MeanStd(string name, long[] shape)
     {
-        if (name.EndsWith("norm.weight") || name.EndsWith("norm1.weight") || name.EndsWith("norm2.weight") || name.EndsWith("layernorm.weight"))
+        if (name.EndsWith("norm.weight") || name.EndsWith("norm1.weight") || name.EndsWith("norm2.weight") || name.EndsWith("layernorm.weight")
+            || name.EndsWith(".ffn.0.weight"))   // the LayerNorm of an OFT MLP-ResNet block
             return (1, 0.1);
         if (name.EndsWith("scale_factor")) return (0.1, 0.05);
         if (name.EndsWith(".bias")) return (0, 0.02);

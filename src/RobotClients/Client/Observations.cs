@@ -24,6 +24,23 @@ public static class Observations
         }, instruction, unnormKey);
     }
 
+    /// <summary>An observation with one encoded frame per camera, in the model's camera order (PolicyInfo.camera_names),
+    /// and the robot's proprioceptive state for models that take it (PolicyInfo.proprio_dim).</summary>
+    public static Observation FromEncoded(IReadOnlyList<(byte[] Bytes, ImageEncoding Encoding, string Camera)> frames, string instruction,
+        string? unnormKey = null, IEnumerable<float>? proprio = null)
+    {
+        var observation = new Observation { Instruction = instruction, UnnormKey = unnormKey ?? "" };
+        foreach (var (bytes, encoding, camera) in frames)
+            observation.Images.Add(new Image { Camera = camera, Encoding = encoding, Data = ByteString.CopyFrom(bytes) });
+        if (proprio is not null) observation.Proprio.AddRange(proprio);
+        return observation;
+    }
+
+    /// <summary>The chunk of a reply: every step's un-normalized values, or the single action of a server that predates
+    /// chunks.</summary>
+    public static float[][] Chunk(Contract.V1.Action action) =>
+        action.Chunk.Count > 0 ? [.. action.Chunk.Select(s => s.Values.ToArray())] : [[.. action.Values]];
+
     /// <summary>JPEG or PNG, told by the file's first bytes; null when it is neither.</summary>
     public static ImageEncoding? SniffEncoding(ReadOnlySpan<byte> bytes)
     {

@@ -26,7 +26,13 @@ public sealed class RemotePolicy : IActionPolicy, IDisposable
         catch when (ownsClient) { client.Dispose(); throw; }
         Description = new PolicyDescription(info.ModelId, info.Architecture, (int)info.ActionDim, (int)info.ImageSize,
             (int)info.ImagesPerObservation, info.ResizeStrategy, info.Precision, info.Quantization,
-            info.UnnormKeys.ToDictionary(k => k.Name, k => new ActionStats([.. k.Q01], [.. k.Q99], [.. k.Mask])));
+            info.UnnormKeys.ToDictionary(k => k.Name, k => new ActionStats([.. k.Q01], [.. k.Q99], [.. k.Mask])))
+        {
+            ChunkLength = (int)Math.Max(1, info.ChunkLength),
+            ProprioDim = (int)info.ProprioDim,
+            CameraNames = info.CameraNames.Count > 0 ? [.. info.CameraNames] : ["primary"],
+            ActionHead = info.ActionHead.Length > 0 ? info.ActionHead : "autoregressive-tokens",
+        };
         ModelVersion = info.ModelVersion;
     }
 
@@ -39,19 +45,26 @@ public sealed class RemotePolicy : IActionPolicy, IDisposable
     {
         var calls = observations.Select(o => client.PredictAsync(ToMessage(o), cancellationToken: cancellationToken)).ToArray();
         var replies = Call(() => Task.WhenAll(calls).GetAwaiter().GetResult());
-        return replies.Select(r => ActionPrediction.Single([.. r.Action.Values], [.. r.Action.Normalized], [.. r.Action.TokenIds], [],
-            r.Action.UnnormKey, new Policy.StageTimings(r.Timings.PreprocessMs, r.Timings.VisionMs, r.Timings.PrefillMs, r.Timings.DecodeTokensMs,
-                r.Timings.ServerTotalMs))).ToArray();
+        return replies.Select(r => new ActionPrediction(
+            Observations.Chunk(r.Action),
+            r.Action.Chunk.Count > 0 ? [.. r.Action.Chunk.Select(s => s.Normalized.ToArray())] : [[.. r.Action.Normalized]],
+            [.. r.Action.TokenIds], [], r.Action.UnnormKey,
+            new Policy.StageTimings(r.Timings.PreprocessMs, r.Timings.VisionMs, r.Timings.PrefillMs, r.Timings.DecodeTokensMs, r.Timings.ServerTotalMs))).ToArray();
     }
 
-    static Observation ToMessage(VlaObservation observation)
+    Observation ToMessage(VlaObservation observation)
     {
         var message = new Observation { Instruction = observation.Instruction, UnnormKey = observation.UnnormKey ?? "" };
-        foreach (var image in observation.Images)
+        for (int i = 0; i < observation.Images.Count; i++)
+        {
+            var image = observation.Images[i];
             message.Images.Add(new Image
             {
+                Camera = i < Description.CameraNames.Count ? Description.CameraNames[i] : "",
                 Encoding = ImageEncoding.RawRgb8, Width = (uint)image.Width, Height = (uint)image.Height, Data = ByteString.CopyFrom(image.Pixels),
             });
+        }
+        if (observation.Proprio is { } proprio) message.Proprio.AddRange(proprio);
         return message;
     }
 

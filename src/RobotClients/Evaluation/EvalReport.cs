@@ -140,6 +140,9 @@ public sealed record EvalReport(
         s.AppendLine();
         var l = PolicyLatency;
         s.AppendLine(CultureInfo.InvariantCulture, $"Policy latency per step ({l.Steps} steps): mean {l.MeanMs:F2} ms, p50 {l.P50Ms:F2} ms, p90 {l.P90Ms:F2} ms, p99 {l.P99Ms:F2} ms, max {l.MaxMs:F2} ms.");
+        long calls = Episodes.Sum(e => (long)e.PolicyCalls);
+        if (calls > 0 && Episodes.Count > 0)
+            s.AppendLine(CultureInfo.InvariantCulture, $"Policy calls: {(double)calls / Episodes.Count:F1} per episode ({(double)l.Steps / calls:F2} executed actions per call), {l.MeanMs * l.Steps / calls:F2} ms per call on average.");
         if (WorkerCrashes.Count > 0)
         {
             s.AppendLine();

@@ -9,14 +9,17 @@ namespace OpenVLA.RobotClients.Evaluation;
 /// <summary>Options of <c>openvla eval</c>.</summary>
 public sealed record EvalOptions(
     IReadOnlyList<TabletopTask> Tasks, string Policy, int TrialsPerTask, int Seed = 7, int Workers = 1, int ImageSize = 224,
-    int SettleSteps = 10, string? VideoDir = null, int VideosPerTask = 1, bool Diagnose = false, string? PolicySettings = null);
+    int SettleSteps = 10, string? VideoDir = null, int VideosPerTask = 1, bool Diagnose = false, string? PolicySettings = null,
+    int? ExecuteSteps = null);
 
 /// <summary>One rollout to run. The seed fixes the initial state, so every policy sees the same episode for (task, trial).</summary>
-public sealed record EvalJob(string TaskId, int Trial, int Seed, string Policy, int ImageSize, int SettleSteps, string? VideoPath, bool Diagnose = false);
+public sealed record EvalJob(string TaskId, int Trial, int Seed, string Policy, int ImageSize, int SettleSteps, string? VideoPath, bool Diagnose = false,
+    int? ExecuteSteps = null);
 
-/// <summary>The outcome of one rollout; <see cref="Shadow"/> only with <c>--diagnose</c> and a learned policy.</summary>
+/// <summary>The outcome of one rollout; <see cref="Shadow"/> only with <c>--diagnose</c> and a learned policy.
+/// <see cref="PolicyCalls"/> counts the model's forward passes (fewer than the steps when chunks are executed).</summary>
 public sealed record EvalEpisode(string TaskId, int Trial, int Seed, string Instruction, bool Success, int Steps, double[] LatenciesMs, string? Video,
-    ShadowTrace? Shadow = null);
+    ShadowTrace? Shadow = null, int PolicyCalls = 0);
 
 /// <summary>
 /// Closed-loop evaluation on the tabletop suite, following OpenVLA's LIBERO protocol (openvla-model.md §6): fixed initial
@@ -32,14 +35,14 @@ public static class Evaluator
         var jobs = o.Tasks.SelectMany(t => Enumerable.Range(0, o.TrialsPerTask).Select(trial => new EvalJob(
                 t.Id, trial, TabletopTasks.EpisodeSeed(o.Seed, t.Id, trial), spec.Text, o.ImageSize, o.SettleSteps,
                 o.VideoDir is not null && trial < o.VideosPerTask ? Path.GetFullPath(Path.Combine(o.VideoDir, $"{t.Id}_trial{trial:000}.mp4")) : null,
-                o.Diagnose)))
+                o.Diagnose, o.ExecuteSteps)))
             .ToList();
         var results = new EvalEpisode[jobs.Count];
         var crashes = new List<WorkerCrash>();
         var clock = Stopwatch.StartNew();
         if (workerCommand is null || o.Workers <= 1)
         {
-            using var policy = RolloutPolicies.Create(spec);
+            using var policy = RolloutPolicies.Create(spec, o.ExecuteSteps);
             using var env = new TabletopEnv(o.ImageSize);
             for (int i = 0; i < jobs.Count; i++)
             {
@@ -93,7 +96,7 @@ public static class Evaluator
             video = RolloutVideo.Write(job.VideoPath!, frames, env.ImageSize, TabletopEnv.ControlHz);
             RolloutVideo.WriteFilmstrip(Path.ChangeExtension(job.VideoPath!, ".png"), frames, env.ImageSize);
         }
-        return new EvalEpisode(job.TaskId, job.Trial, job.Seed, episode.Instruction, success, steps, latencies.ToArray(), video, shadow?.Trace());
+        return new EvalEpisode(job.TaskId, job.Trial, job.Seed, episode.Instruction, success, steps, latencies.ToArray(), video, shadow?.Trace(), policy.PolicyCalls);
     }
 
     /// <summary>The worker side: one environment and one policy per worker process, reused across its jobs.</summary>
@@ -102,14 +105,15 @@ public static class Evaluator
         TabletopEnv? env = null;
         IRolloutPolicy? policy = null;
         string? policyText = null;
+        int? executeSteps = null;
         return WorkerLoop.Serve<EvalJob, EvalEpisode>(job =>
         {
             if (env is null || env.ImageSize != job.ImageSize) { env?.Dispose(); env = new TabletopEnv(job.ImageSize); }
-            if (policy is null || policyText != job.Policy)
+            if (policy is null || policyText != job.Policy || executeSteps != job.ExecuteSteps)
             {
                 policy?.Dispose();
-                policy = RolloutPolicies.Create(RolloutPolicies.Parse(job.Policy));
-                policyText = job.Policy;
+                policy = RolloutPolicies.Create(RolloutPolicies.Parse(job.Policy), job.ExecuteSteps);
+                (policyText, executeSteps) = (job.Policy, job.ExecuteSteps);
             }
             if (Environment.GetEnvironmentVariable("OPENVLA_SIM_TEST_CRASH") is { } crash && crash == $"{job.TaskId}/{job.Trial}"
                 && !File.Exists(CrashMarker(job)))

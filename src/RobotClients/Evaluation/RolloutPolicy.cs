@@ -1,4 +1,5 @@
 using OpenVLA.Policy;
+using OpenVLA.RobotClients.Client;
 using OpenVLA.Simulation;
 using OpenVLA.Simulation.Tabletop;
 
@@ -24,6 +25,8 @@ public interface IRolloutPolicy : IDisposable
     /// <summary>Called before the first step of every episode (resets any per-episode state).</summary>
     void BeginEpisode(EpisodeSpec episode);
     float[] Act(RolloutObservation observation);
+    /// <summary>Times the model was asked since <see cref="BeginEpisode"/> (fewer than the steps when chunks are executed).</summary>
+    int PolicyCalls { get; }
 }
 
 /// <summary>The scripted expert with privileged state: the upper reference and the check that the pipeline works.</summary>
@@ -32,11 +35,13 @@ public sealed class ScriptedRolloutPolicy : IRolloutPolicy
     private ScriptedExpert? _expert;
     public string Name => "scripted";
     public bool WantsWristImage => false;
-    public void BeginEpisode(EpisodeSpec episode) => _expert = new ScriptedExpert(episode);
+    public int PolicyCalls { get; private set; }
+    public void BeginEpisode(EpisodeSpec episode) { _expert = new ScriptedExpert(episode); PolicyCalls = 0; }
 
     public float[] Act(RolloutObservation observation)
     {
         var privileged = observation.Privileged ?? throw new InvalidOperationException("the scripted policy needs privileged simulator state");
+        PolicyCalls++;
         return (_expert ?? throw new InvalidOperationException("BeginEpisode was not called")).Act(privileged.Env);
     }
 
@@ -45,25 +50,35 @@ public sealed class ScriptedRolloutPolicy : IRolloutPolicy
 
 /// <summary>
 /// Wraps any <see cref="IActionPolicy"/>: the third-person camera (plus the wrist camera when the policy takes two images),
-/// the instruction and the unnorm key in;
-/// the un-normalized 7-D action out. Our simulator uses OpenVLA's gripper convention (1 open, 0 closed), so no LIBERO-style
-/// gripper inversion is applied.
+/// the robot state as proprio when the policy takes it, the instruction and the unnorm key in; chunks executed open loop
+/// by an <see cref="ActionChunkBroker"/> (the first <c>executeSteps</c> actions of each, default the whole chunk) out.
+/// Our simulator uses OpenVLA's gripper convention (1 open, 0 closed), so no LIBERO-style gripper inversion is applied.
 /// </summary>
-public sealed class ActionPolicyRolloutPolicy(IActionPolicy policy, string name, string? unnormKey = null, bool ownsPolicy = true) : IRolloutPolicy
+public sealed class ActionPolicyRolloutPolicy(IActionPolicy policy, string name, string? unnormKey = null, bool ownsPolicy = true, int? executeSteps = null) : IRolloutPolicy
 {
+    readonly ActionChunkBroker _broker = new(executeSteps);
     public string Name => name;
     public bool WantsWristImage { get; } = policy.Description.ImagesPerObservation >= 2;
-    public void BeginEpisode(EpisodeSpec episode) { }
+    public int PolicyCalls => _broker.PolicyCalls;
+    public void BeginEpisode(EpisodeSpec episode) => _broker.Reset();
 
     public float[] Act(RolloutObservation observation)
+    {
+        var action = _broker.Next(() => Predict(observation));
+        if (action.Length != TabletopEnv.ActionDim)
+            throw new PolicyInputException($"policy {name} returned {action.Length} action values; the tabletop suite takes {TabletopEnv.ActionDim}");
+        return action;
+    }
+
+    float[][] Predict(RolloutObservation observation)
     {
         RgbImage[] images = WantsWristImage
             ? [observation.Image, observation.WristImage ?? throw new InvalidOperationException("the wrist image was not rendered")]
             : [observation.Image];
-        var prediction = policy.PredictBatch([new VlaObservation(images, observation.Instruction, unnormKey)])[0];
-        if (prediction.Action.Length != 7)
-            throw new PolicyInputException($"policy {name} returned {prediction.Action.Length} action values; the tabletop suite needs 7");
-        return prediction.Action;
+        int proprioDim = policy.Description.ProprioDim;
+        if (proprioDim > 0 && observation.State.Length != proprioDim)
+            throw new PolicyInputException($"policy {name} takes a {proprioDim}-D proprio; the tabletop robot state has {observation.State.Length} values");
+        return policy.PredictBatch([new VlaObservation(images, observation.Instruction, unnormKey, proprioDim > 0 ? observation.State : null)])[0].Actions;
     }
 
     public void Dispose()
@@ -154,14 +169,15 @@ public static class RolloutPolicies
         }
     }
 
-    public static IRolloutPolicy Create(Spec spec)
+    /// <param name="executeSteps">actions of each chunk executed before the policy is asked again (null: the whole chunk)</param>
+    public static IRolloutPolicy Create(Spec spec, int? executeSteps = null)
     {
         EnsureAvailable(spec);
         return spec switch
         {
             Scripted => new ScriptedRolloutPolicy(),
-            Checkpoint c => new ActionPolicyRolloutPolicy(CheckpointFactory!(c.Directory), spec.Text, UnnormKey),
-            Grpc g => new ActionPolicyRolloutPolicy(GrpcFactory!(g.Host, g.Port), spec.Text, UnnormKey),
+            Checkpoint c => new ActionPolicyRolloutPolicy(CheckpointFactory!(c.Directory), spec.Text, UnnormKey, executeSteps: executeSteps),
+            Grpc g => new ActionPolicyRolloutPolicy(GrpcFactory!(g.Host, g.Port), spec.Text, UnnormKey, executeSteps: executeSteps),
             _ => throw new ArgumentException($"unknown policy {spec.Text}"),
         };
     }

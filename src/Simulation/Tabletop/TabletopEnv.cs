@@ -16,6 +16,8 @@ public sealed record SceneLayout(
 public sealed class TabletopEnv : IDisposable
 {
     public const int ControlHz = 10;
+    /// <summary>Values per action: [dx, dy, dz, droll, dpitch, dyaw, gripper].</summary>
+    public const int ActionDim = 7;
     public const double MaxTranslation = 0.03, MaxRotation = 0.25;
     /// <summary>
     /// Proprioceptive state: tcp x, y, z; hand roll, pitch, yaw relative to the start orientation (fingers down), so the

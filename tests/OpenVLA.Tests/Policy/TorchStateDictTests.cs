@@ -109,3 +109,44 @@ public class TorchStateDictTests
         Assert.Throws<CheckpointException>(() => TorchStateDict.StripPrefix(sd, "module."));
     }
 }
+
+/// <summary>Our writer (make-checkpoint's OFT components): what it writes reads back exactly, bf16 rounded to nearest even.</summary>
+public class TorchStateDictWriterTests
+{
+    [Fact]
+    public void WrittenStateDictsRoundTrip()
+    {
+        using var tmp = new TestPaths.TempDir();
+        float[] values = [1f, -2.5f, 1.00390625f, 1.01171875f, 3.3e-3f, float.MaxValue / 4, -0f, 123456.789f];
+        TorchStateDict.Save(tmp["f32.pt"], [("a.weight", [2, 4], values), ("b", [], [7f])], "Float");
+        var f32 = TorchStateDict.Load(tmp["f32.pt"]);
+        Assert.Equal(values, f32["a.weight"].Data);
+        Assert.Equal([2L, 4L], f32["a.weight"].Shape);
+        Assert.Empty(f32["b"].Shape);
+
+        TorchStateDict.Save(tmp["bf16.pt"], [("a.weight", [8], values)], "BFloat16");
+        var bf16 = TorchStateDict.Load(tmp["bf16.pt"])["a.weight"];
+        Assert.Equal("BFloat16", bf16.DType);
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: nearest even keeps 1; 1 + 3·2^-8 rounds up to 1 + 2^-6.
+        Assert.Equal(1f, bf16.Data[2]);
+        Assert.Equal(1.015625f, bf16.Data[3]);
+        for (int i = 0; i < values.Length; i++) Assert.True(Math.Abs(bf16.Data[i] - values[i]) <= Math.Abs(values[i]) / 256, $"{values[i]} → {bf16.Data[i]}");
+        Assert.Throws<ArgumentException>(() => TorchStateDict.Save(tmp["bad.pt"], [("x", [3], [1f, 2f])], "Float"));
+    }
+
+    [Fact]
+    public void MakeCheckpointWritesALoadableOftCheckpoint()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp.Path, "oft-tiny", seed: 4, TorchSharp.torch.ScalarType.BFloat16);
+        Assert.True(File.Exists(tmp["action_head--0_checkpoint.pt"]));
+        Assert.True(File.Exists(tmp["proprio_projector--0_checkpoint.pt"]));
+        using var policy = VlaPolicy.Load(tmp.Path);
+        Assert.Equal((8, 8, 2, "parallel-l1"), (policy.Description.ChunkLength, policy.Description.ProprioDim, policy.Description.ImagesPerObservation, policy.Description.ActionHead));
+        var frame = GoldenModelTests.ReadPng(TestPaths.Fixture("oft-golden", "image0.png"));
+        var p = policy.Predict(new VlaObservation([frame, frame], "pick up the red cube", "sim_tabletop", [0.1f, 0.2f, 0.3f, 0, 0, 0, 0.02f, 0.02f]));
+        Assert.Equal(8, p.ChunkLength);
+        Assert.All(p.Actions, a => Assert.Equal(7, a.Length));
+        Assert.All(p.Actions.SelectMany(a => a), v => Assert.True(float.IsFinite(v)));
+    }
+}

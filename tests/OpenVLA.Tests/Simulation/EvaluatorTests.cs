@@ -92,6 +92,7 @@ public sealed class EvaluatorTests : IDisposable
         private ScriptedExpert? _expert;
         public string Name => "replayed-expert";
         public bool WantsWristImage => false;
+        public int PolicyCalls => 0;
         public void BeginEpisode(EpisodeSpec episode) => _expert = new ScriptedExpert(episode);
         public float[] Act(RolloutObservation observation)
         {

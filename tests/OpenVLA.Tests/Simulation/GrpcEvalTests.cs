@@ -60,4 +60,60 @@ public class GrpcEvalTests
         Assert.Equal(2, root.GetProperty("overall").GetProperty("trials").GetInt32());
         Assert.True(root.GetProperty("policy_latency").GetProperty("steps").GetInt64() > 0);
     }
+
+    /// <summary>An OFT-shaped double: two cameras, an 8-D proprio, chunks of 4 whose step k moves k+1 mm along x.</summary>
+    sealed class ChunkPolicy : IActionPolicy
+    {
+        public int Calls;
+        public string? Problem;
+        public PolicyDescription Description { get; } = new("test/chunks", "test-double", 7, 56, 2, "resize-naive", "float32", "none",
+            new Dictionary<string, ActionStats> { ["sim_tabletop"] = new([-1, -1, -1, -1, -1, -1, 0], [1, 1, 1, 1, 1, 1, 1], [true, true, true, true, true, true, false]) })
+        { ChunkLength = 4, ProprioDim = 8, CameraNames = ["primary", "wrist"], ActionHead = "parallel-l1" };
+
+        public IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
+        {
+            Interlocked.Add(ref Calls, observations.Count);
+            foreach (var o in observations)
+                if (o.Images.Count != 2 || o.Proprio is not { Count: 8 }) Problem = $"{o.Images.Count} images, proprio {o.Proprio?.Count}";
+            float[][] chunk = [.. Enumerable.Range(0, 4).Select(k => new float[] { 0.001f * (k + 1), 0, 0, 0, 0, 0, 1 })];
+            return observations.Select(_ => new ActionPrediction(chunk, chunk, [], [], "sim_tabletop", new StageTimings(0, 0, 0, 0, 0))).ToList();
+        }
+    }
+
+    [Fact]
+    public async Task ChunksAreExecutedOpenLoopWithTheWristCameraAndProprioFromTheSimulation()
+    {
+        var policy = new ChunkPolicy();
+        await using var server = await TestServer.StartAsync(policy);
+        Interlocked.Exchange(ref policy.Calls, 0);
+        using var outDir = new TestPaths.TempDir();
+        var root = Eval($"{server.GrpcAddress.Host}:{server.GrpcAddress.Port}", outDir.Path, "--execute-steps", "3");
+        Assert.Null(policy.Problem);
+        var episodes = root.GetProperty("episodes").EnumerateArray().ToList();
+        Assert.Equal(2, episodes.Count);
+        int expectedCalls = episodes.Sum(e => (e.GetProperty("steps").GetInt32() + 2) / 3);   // a new chunk every 3 steps
+        Assert.Equal(expectedCalls, episodes.Sum(e => e.GetProperty("policy_calls").GetInt32()));
+        Assert.Equal(expectedCalls, policy.Calls);
+        Assert.Contains("executed actions per call", File.ReadAllText(Path.Combine(outDir.Path, "summary.md")));
+
+        // --execute-steps longer than the chunk is the user's error, reported once.
+        var r = CliRunner.Run(["eval", "--policy", $"grpc://{server.GrpcAddress.Host}:{server.GrpcAddress.Port}", "--tasks", "move_side",
+            "--trials-per-task", "1", "--image-size", "56", "--out", outDir.Path, "--execute-steps", "5"]);
+        Assert.NotEqual(0, r.ExitCode);
+        Assert.Contains("--execute-steps 5 is longer than the policy's chunk of 4", r.Stderr);
+    }
+
+    [Fact]
+    public void AnOftCheckpointIsEvaluatedInProcessWithChunks()
+    {
+        using var ckpt = new TestPaths.TempDir();
+        CheckpointMaker.Write(ckpt.Path, "oft-tiny", seed: 3, torch.ScalarType.BFloat16);
+        using var outDir = new TestPaths.TempDir();
+        var r = CliRunner.Run(["eval", "--policy", "checkpoint:" + ckpt.Path, "--tasks", "pick_up", "--trials-per-task", "1",
+            "--unnorm-key", "sim_tabletop", "--out", outDir.Path, "--json"]);
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        var episode = JsonDocument.Parse(r.Stdout).RootElement.GetProperty("episodes")[0];
+        int steps = episode.GetProperty("steps").GetInt32();
+        Assert.Equal((steps + 7) / 8, episode.GetProperty("policy_calls").GetInt32());   // the whole chunk of 8 by default
+    }
 }

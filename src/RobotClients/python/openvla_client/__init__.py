@@ -8,7 +8,9 @@ Needs only Debian's python3-grpcio and python3-protobuf. Put src/RobotClients/py
         print(list(reply.action.values))
 """
 from openvla_client.client import (  # noqa: F401
+    ActionChunkBroker,
     ActionStream,
+    action_chunk,
     PolicyClient,
     jpeg_image,
     observation,

@@ -36,6 +36,49 @@ def observation(images, instruction, unnorm_key="", proprio=(), robot_id="", epi
                           robot_id=robot_id, episode_id=episode_id, seq=seq, capture_time_unix_us=capture_time_unix_us)
 
 
+def action_chunk(action):
+    """The chunk of an Action message as a list of actions (each a list of action_dim floats), first action first. A
+    plain OpenVLA server answers a chunk of one; a server older than chunks fills only `values`, which is used then."""
+    if len(action.chunk) > 0:
+        return [list(step.values) for step in action.chunk]
+    return [list(action.values)]
+
+
+class ActionChunkBroker:
+    """Open-loop execution of action chunks (openpi's ActionChunkBroker idea): `act(...)` returns the action for this
+    control step and asks the server for a new chunk only when the first `execute_steps` actions of the previous one
+    (default: all of them) have been executed. Call `reset()` at the start of every episode.
+
+        broker = ActionChunkBroker(client, execute_steps=4)
+        for step in range(max_steps):
+            robot.apply(broker.act([jpeg_image(full), jpeg_image(wrist, camera="wrist")], "put the cup on the plate",
+                                   proprio=robot.state()))
+    """
+
+    def __init__(self, client, execute_steps=None, unnorm_key=""):
+        if execute_steps is not None and execute_steps <= 0:
+            raise ValueError("execute_steps must be positive")
+        self.client = client
+        self.execute_steps = execute_steps
+        self.unnorm_key = unnorm_key
+        self.policy_calls = 0
+        self._pending = []
+
+    def act(self, images, instruction, proprio=(), timeout=None):
+        if not self._pending:
+            reply = self.client.predict(images, instruction, unnorm_key=self.unnorm_key, proprio=proprio, timeout=timeout)
+            chunk = action_chunk(reply.action)
+            if self.execute_steps is not None and self.execute_steps > len(chunk):
+                raise ValueError(f"execute_steps {self.execute_steps} is longer than the server's chunk of {len(chunk)}")
+            self._pending = chunk[: self.execute_steps or len(chunk)]
+            self.policy_calls += 1
+        return self._pending.pop(0)
+
+    def reset(self):
+        self._pending = []
+        self.policy_calls = 0
+
+
 def _service_config(max_attempts, initial_backoff_s, max_backoff_s):
     return json.dumps({"methodConfig": [{
         "name": [{"service": "openvla.v1.PolicyService"}],

@@ -13,7 +13,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17openvla/v1/policy.proto\x12\nopenvla.v1\"\x16\n\x14GetPolicyInfoRequest\"\xa2\x03\n\nPolicyInfo\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\naction_dim\x18\x05 \x01(\r\x12\x14\n\x0c\x63hunk_length\x18\x06 \x01(\r\x12*\n\x0bunnorm_keys\x18\x07 \x03(\x0b\x32\x15.openvla.v1.UnnormKey\x12\x12\n\nimage_size\x18\x08 \x01(\r\x12\x17\n\x0fresize_strategy\x18\t \x01(\t\x12\x1e\n\x16images_per_observation\x18\n \x01(\r\x12\x35\n\x12\x61\x63\x63\x65pted_encodings\x18\x0b \x03(\x0e\x32\x19.openvla.v1.ImageEncoding\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\x12(\n\x06limits\x18\x0e \x01(\x0b\x32\x18.openvla.v1.ServerLimits\x12\x13\n\x0bproprio_dim\x18\x0f \x01(\r\"W\n\tUnnormKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cstats_sha256\x18\x02 \x01(\t\x12\x0b\n\x03q01\x18\x03 \x03(\x01\x12\x0b\n\x03q99\x18\x04 \x03(\x01\x12\x0c\n\x04mask\x18\x05 \x03(\x08\"\xb7\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x04 \x01(\x01\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x1d\n\x15max_instruction_bytes\x18\x06 \x01(\r\x12\x13\n\x0bmax_proprio\x18\x07 \x01(\r\"q\n\x05Image\x12\x0e\n\x06\x63\x61mera\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.openvla.v1.ImageEncoding\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\"\xbb\x01\n\x0bObservation\x12!\n\x06images\x18\x01 \x03(\x0b\x32\x11.openvla.v1.Image\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x12\n\nunnorm_key\x18\x03 \x01(\t\x12\x0f\n\x07proprio\x18\x04 \x03(\x02\x12\x10\n\x08robot_id\x18\x05 \x01(\t\x12\x12\n\nepisode_id\x18\x06 \x01(\t\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\x1c\n\x14\x63\x61pture_time_unix_us\x18\x08 \x01(\x03\"S\n\x06\x41\x63tion\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x12\n\nnormalized\x18\x02 \x03(\x02\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nunnorm_key\x18\x04 \x01(\t\"\xd6\x01\n\x0cStageTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0fimage_decode_ms\x18\x02 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x03 \x01(\x01\x12\x11\n\tvision_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_tokens_ms\x18\x06 \x01(\x01\x12\x16\n\x0emodel_total_ms\x18\x07 \x01(\x01\x12\x17\n\x0fserver_total_ms\x18\x08 \x01(\x01\x12\x12\n\nbatch_size\x18\t \x01(\r\">\n\x0ePredictRequest\x12,\n\x0bobservation\x18\x01 \x01(\x0b\x32\x17.openvla.v1.Observation\"\xa2\x01\n\x0fPredictResponse\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0b\x32\x12.openvla.v1.Action\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1c\n\x14\x63\x61pture_time_unix_us\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.openvla.v1.StageTimings\"D\n\x14StreamActionsRequest\x12,\n\x0bobservation\x18\x01 \x01(\x0b\x32\x17.openvla.v1.Observation\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x85\x02\n\x15StreamActionsResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1c\n\x14\x63\x61pture_time_unix_us\x18\x02 \x01(\x03\x12\x0f\n\x07skipped\x18\x03 \x01(\r\x12\x15\n\rskipped_total\x18\x04 \x01(\x04\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0b\x32\x12.openvla.v1.ActionH\x00\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.openvla.v1.FrameErrorH\x00\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.openvla.v1.StageTimingsB\x08\n\x06result*}\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17IMAGE_ENCODING_RAW_RGB8\x10\x01\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x02\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x03\x32\xf8\x01\n\rPolicyService\x12I\n\rGetPolicyInfo\x12 .openvla.v1.GetPolicyInfoRequest\x1a\x16.openvla.v1.PolicyInfo\x12\x42\n\x07Predict\x12\x1a.openvla.v1.PredictRequest\x1a\x1b.openvla.v1.PredictResponse\x12X\n\rStreamActions\x12 .openvla.v1.StreamActionsRequest\x1a!.openvla.v1.StreamActionsResponse(\x01\x30\x01\x42\x16\xaa\x02\x13OpenVLA.Contract.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17openvla/v1/policy.proto\x12\nopenvla.v1\"\x16\n\x14GetPolicyInfoRequest\"\xcd\x03\n\nPolicyInfo\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\naction_dim\x18\x05 \x01(\r\x12\x14\n\x0c\x63hunk_length\x18\x06 \x01(\r\x12*\n\x0bunnorm_keys\x18\x07 \x03(\x0b\x32\x15.openvla.v1.UnnormKey\x12\x12\n\nimage_size\x18\x08 \x01(\r\x12\x17\n\x0fresize_strategy\x18\t \x01(\t\x12\x1e\n\x16images_per_observation\x18\n \x01(\r\x12\x35\n\x12\x61\x63\x63\x65pted_encodings\x18\x0b \x03(\x0e\x32\x19.openvla.v1.ImageEncoding\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\x12(\n\x06limits\x18\x0e \x01(\x0b\x32\x18.openvla.v1.ServerLimits\x12\x13\n\x0bproprio_dim\x18\x0f \x01(\r\x12\x14\n\x0c\x63\x61mera_names\x18\x10 \x03(\t\x12\x13\n\x0b\x61\x63tion_head\x18\x11 \x01(\t\"W\n\tUnnormKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cstats_sha256\x18\x02 \x01(\t\x12\x0b\n\x03q01\x18\x03 \x03(\x01\x12\x0b\n\x03q99\x18\x04 \x03(\x01\x12\x0c\n\x04mask\x18\x05 \x03(\x08\"\xb7\x01\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x04 \x01(\x01\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x1d\n\x15max_instruction_bytes\x18\x06 \x01(\r\x12\x13\n\x0bmax_proprio\x18\x07 \x01(\r\"q\n\x05Image\x12\x0e\n\x06\x63\x61mera\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.openvla.v1.ImageEncoding\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\"\xbb\x01\n\x0bObservation\x12!\n\x06images\x18\x01 \x03(\x0b\x32\x11.openvla.v1.Image\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x12\n\nunnorm_key\x18\x03 \x01(\t\x12\x0f\n\x07proprio\x18\x04 \x03(\x02\x12\x10\n\x08robot_id\x18\x05 \x01(\t\x12\x12\n\nepisode_id\x18\x06 \x01(\t\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\x1c\n\x14\x63\x61pture_time_unix_us\x18\x08 \x01(\x03\"z\n\x06\x41\x63tion\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x12\n\nnormalized\x18\x02 \x03(\x02\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nunnorm_key\x18\x04 \x01(\t\x12%\n\x05\x63hunk\x18\x05 \x03(\x0b\x32\x16.openvla.v1.ActionStep\"0\n\nActionStep\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x12\n\nnormalized\x18\x02 \x03(\x02\"\xd6\x01\n\x0cStageTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0fimage_decode_ms\x18\x02 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x03 \x01(\x01\x12\x11\n\tvision_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_tokens_ms\x18\x06 \x01(\x01\x12\x16\n\x0emodel_total_ms\x18\x07 \x01(\x01\x12\x17\n\x0fserver_total_ms\x18\x08 \x01(\x01\x12\x12\n\nbatch_size\x18\t \x01(\r\">\n\x0ePredictRequest\x12,\n\x0bobservation\x18\x01 \x01(\x0b\x32\x17.openvla.v1.Observation\"\xa2\x01\n\x0fPredictResponse\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0b\x32\x12.openvla.v1.Action\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1c\n\x14\x63\x61pture_time_unix_us\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.openvla.v1.StageTimings\"D\n\x14StreamActionsRequest\x12,\n\x0bobservation\x18\x01 \x01(\x0b\x32\x17.openvla.v1.Observation\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x85\x02\n\x15StreamActionsResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1c\n\x14\x63\x61pture_time_unix_us\x18\x02 \x01(\x03\x12\x0f\n\x07skipped\x18\x03 \x01(\r\x12\x15\n\rskipped_total\x18\x04 \x01(\x04\x12$\n\x06\x61\x63tion\x18\x05 \x01(\x0b\x32\x12.openvla.v1.ActionH\x00\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.openvla.v1.FrameErrorH\x00\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.openvla.v1.StageTimingsB\x08\n\x06result*}\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17IMAGE_ENCODING_RAW_RGB8\x10\x01\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x02\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x03\x32\xf8\x01\n\rPolicyService\x12I\n\rGetPolicyInfo\x12 .openvla.v1.GetPolicyInfoRequest\x1a\x16.openvla.v1.PolicyInfo\x12\x42\n\x07Predict\x12\x1a.openvla.v1.PredictRequest\x1a\x1b.openvla.v1.PredictResponse\x12X\n\rStreamActions\x12 .openvla.v1.StreamActionsRequest\x1a!.openvla.v1.StreamActionsResponse(\x01\x30\x01\x42\x16\xaa\x02\x13OpenVLA.Contract.V1b\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openvla.v1.policy_pb2', globals())
@@ -21,34 +21,36 @@ if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
   DESCRIPTOR._serialized_options = b'\252\002\023OpenVLA.Contract.V1'
-  _IMAGEENCODING._serialized_start=1974
-  _IMAGEENCODING._serialized_end=2099
+  _IMAGEENCODING._serialized_start=2106
+  _IMAGEENCODING._serialized_end=2231
   _GETPOLICYINFOREQUEST._serialized_start=39
   _GETPOLICYINFOREQUEST._serialized_end=61
   _POLICYINFO._serialized_start=64
-  _POLICYINFO._serialized_end=482
-  _UNNORMKEY._serialized_start=484
-  _UNNORMKEY._serialized_end=571
-  _SERVERLIMITS._serialized_start=574
-  _SERVERLIMITS._serialized_end=757
-  _IMAGE._serialized_start=759
-  _IMAGE._serialized_end=872
-  _OBSERVATION._serialized_start=875
-  _OBSERVATION._serialized_end=1062
-  _ACTION._serialized_start=1064
-  _ACTION._serialized_end=1147
-  _STAGETIMINGS._serialized_start=1150
-  _STAGETIMINGS._serialized_end=1364
-  _PREDICTREQUEST._serialized_start=1366
-  _PREDICTREQUEST._serialized_end=1428
-  _PREDICTRESPONSE._serialized_start=1431
-  _PREDICTRESPONSE._serialized_end=1593
-  _STREAMACTIONSREQUEST._serialized_start=1595
-  _STREAMACTIONSREQUEST._serialized_end=1663
-  _FRAMEERROR._serialized_start=1665
-  _FRAMEERROR._serialized_end=1708
-  _STREAMACTIONSRESPONSE._serialized_start=1711
-  _STREAMACTIONSRESPONSE._serialized_end=1972
-  _POLICYSERVICE._serialized_start=2102
-  _POLICYSERVICE._serialized_end=2350
+  _POLICYINFO._serialized_end=525
+  _UNNORMKEY._serialized_start=527
+  _UNNORMKEY._serialized_end=614
+  _SERVERLIMITS._serialized_start=617
+  _SERVERLIMITS._serialized_end=800
+  _IMAGE._serialized_start=802
+  _IMAGE._serialized_end=915
+  _OBSERVATION._serialized_start=918
+  _OBSERVATION._serialized_end=1105
+  _ACTION._serialized_start=1107
+  _ACTION._serialized_end=1229
+  _ACTIONSTEP._serialized_start=1231
+  _ACTIONSTEP._serialized_end=1279
+  _STAGETIMINGS._serialized_start=1282
+  _STAGETIMINGS._serialized_end=1496
+  _PREDICTREQUEST._serialized_start=1498
+  _PREDICTREQUEST._serialized_end=1560
+  _PREDICTRESPONSE._serialized_start=1563
+  _PREDICTRESPONSE._serialized_end=1725
+  _STREAMACTIONSREQUEST._serialized_start=1727
+  _STREAMACTIONSREQUEST._serialized_end=1795
+  _FRAMEERROR._serialized_start=1797
+  _FRAMEERROR._serialized_end=1840
+  _STREAMACTIONSRESPONSE._serialized_start=1843
+  _STREAMACTIONSRESPONSE._serialized_end=2104
+  _POLICYSERVICE._serialized_start=2234
+  _POLICYSERVICE._serialized_end=2482
 # @@protoc_insertion_point(module_scope)

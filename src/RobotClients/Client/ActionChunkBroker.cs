@@ -1,0 +1,45 @@
+namespace OpenVLA.RobotClients.Client;
+
+/// <summary>
+/// Open-loop execution of action chunks (the idea of openpi's ActionChunkBroker): the policy is asked for a chunk only
+/// when the first <see cref="ExecuteSteps"/> actions of the previous chunk have all been executed; in between, every
+/// control step takes the next queued action. With a plain OpenVLA policy (chunks of one) it asks every step.
+/// Call <see cref="Reset"/> at the start of every episode so no action of the last episode leaks into the next.
+/// </summary>
+public sealed class ActionChunkBroker
+{
+    readonly Queue<float[]> _pending = new();
+
+    /// <param name="executeSteps">actions of each chunk to execute before asking again; null: the whole chunk</param>
+    public ActionChunkBroker(int? executeSteps = null)
+    {
+        if (executeSteps is <= 0) throw new ArgumentOutOfRangeException(nameof(executeSteps), "execute steps must be positive");
+        ExecuteSteps = executeSteps;
+    }
+
+    public int? ExecuteSteps { get; }
+
+    /// <summary>Chunks requested since the last <see cref="Reset"/>.</summary>
+    public int PolicyCalls { get; private set; }
+
+    /// <summary>The action for this control step; <paramref name="predictChunk"/> runs only when the queue is empty.</summary>
+    public float[] Next(Func<IReadOnlyList<float[]>> predictChunk)
+    {
+        if (_pending.Count == 0)
+        {
+            var chunk = predictChunk();
+            if (chunk.Count == 0) throw new InvalidOperationException("the policy returned an empty chunk");
+            if (ExecuteSteps is int k && k > chunk.Count)
+                throw new ArgumentException($"--execute-steps {k} is longer than the policy's chunk of {chunk.Count}");
+            PolicyCalls++;
+            foreach (var action in chunk.Take(ExecuteSteps ?? chunk.Count)) _pending.Enqueue(action);
+        }
+        return _pending.Dequeue();
+    }
+
+    public void Reset()
+    {
+        _pending.Clear();
+        PolicyCalls = 0;
+    }
+}
