@@ -105,11 +105,7 @@ internal static class FineTuneVerbs
             catch (ArgumentException e) { throw new UsageException(e.Message); }
         }
 
-        public torch.Device TorchDevice(ParseResult r)
-        {
-            try { return torch.device(r.GetValue(Device)!); }
-            catch (Exception e) { throw new UsageException($"unknown --device '{r.GetValue(Device)}' ({CliExit.OneLine(e.Message)})"); }
-        }
+        public torch.Device TorchDevice(ParseResult r) => PolicyOptions.ParseDevice(r.GetValue(Device)!);
     }
 
     static Command Finetune()
@@ -144,16 +140,33 @@ internal static class FineTuneVerbs
         var json = new Option<bool>("--json") { Description = "machine-readable output (the plan with --dry-run, a summary otherwise)" };
         var auxWeight = new Option<double>("--aux-weight") { Description = "weight of an auxiliary loss: a linear head on the image tokens regresses --aux-keys (standardized); for training from scratch, never exported", DefaultValueFactory = _ => 0.0 };
         var auxKeys = new Option<string?>("--aux-keys") { Description = "LeRobot vector keys the auxiliary head regresses, comma-separated (e.g. observation.state,observation.environment_state); default: the dataset config's aux_keys" };
+        var oft = new Option<bool>("--oft")
+        {
+            Description = "train OpenVLA-OFT: a chunk of continuous actions per frame in one bidirectional pass, an L1-regression MLP-ResNet head (new heads start as openvla-oft initializes them); the output loads in predict/serve/eval as an OFT checkpoint",
+        };
+        var actionChunk = new Option<int?>("--action-chunk") { Description = "OFT: actions per chunk, default 8 (the last K−1 steps of each episode are not samples, as in openvla-oft)" };
+        var proprio = new Option<bool>("--proprio") { Description = "OFT: give the model the robot's state (the dataset's proprio key, normalized like the actions) through a proprio projector" };
+        var imageKeys = new Option<string?>("--image-keys")
+        {
+            Description = "cameras, comma-separated, third-person first (e.g. observation.images.image,observation.images.wrist_image); default: the dataset config's",
+        };
         var cmd = new Command("finetune", "Fine-tune an OpenVLA checkpoint with LoRA (or train it in full) on a robot dataset.")
-            { baseDir, dataset, datasetConfig, datasetFormat, datasetWeights, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, randomShift, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys };
+            { baseDir, dataset, datasetConfig, datasetFormat, datasetWeights, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, randomShift, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys,
+              oft, actionChunk, proprio, imageKeys };
         training.AddTo(cmd);
         cmd.SetAction(r =>
         {
+            bool trainOft = r.GetValue(oft);
             var options = training.Read(r) with
             {
                 SaveSteps = r.GetValue(saveSteps), EvalSteps = r.GetValue(evalSteps), EvalExamples = r.GetValue(evalExamples),
-                Merge = r.GetValue(merge), KeepCheckpoints = r.GetValue(keep), AuxWeight = r.GetValue(auxWeight),
+                // An OFT run always writes the merged model: that directory (with the head files) is what predict loads.
+                Merge = r.GetValue(merge) || trainOft, KeepCheckpoints = r.GetValue(keep), AuxWeight = r.GetValue(auxWeight),
             };
+            int chunk = r.GetValue(actionChunk) ?? 8;
+            if (!trainOft && (r.GetValue(proprio) || r.GetValue(actionChunk) is not null))
+                throw new UsageException("--action-chunk and --proprio train OpenVLA-OFT models: add --oft");
+            if (chunk is < 1 or > 256) throw new UsageException($"--action-chunk must be 1..256, got {chunk}");
             try { options.Validate(); }
             catch (ArgumentException e) { throw new UsageException(e.Message); }
             int shift = r.GetValue(randomShift);
@@ -206,26 +219,49 @@ internal static class FineTuneVerbs
                     AuxKeys = keys.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
                 };
             }
+            if (r.GetValue(imageKeys) is { } cameraKeys)
+                datasetMapping = (datasetMapping ?? new DatasetConfig()) with
+                {
+                    ImageKeys = cameraKeys.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
+                };
             if (options.AuxWeight > 0 && datasetMapping?.AuxKeys is null)
                 throw new UsageException("--aux-weight needs targets: --aux-keys (e.g. observation.state,observation.environment_state) or aux_keys in --dataset-config");
             using var data = VlaDataset.Open(datasetPaths, datasetMapping, r.GetValue(datasetFormat));
             var stats = data.ComputeStatistics();
             var split = data.SplitEpisodes(r.GetValue(heldOut), options.Seed);
             int imageSize = checkpoint.Config.ImageSize;
+            int streamChunk = trainOft ? chunk : 1;
             var streamOptions = new StreamOptions
             {
                 Seed = options.Seed, ShuffleBufferSize = r.GetValue(shuffle), ImageSize = imageSize,
                 Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : shift > 0 ? new RandomShift(shift) : null,
-                DatasetWeights = mixture,
+                DatasetWeights = mixture, ActionChunk = streamChunk,
             };
             var source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
-            var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed);
+            var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed, streamChunk);
             var statistics = JsonNode.Parse(DatasetStatistics.ToJson([stats]))!.AsObject();
             Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}{(datasetPaths.Length > 1 ? $", {datasetPaths.Length} datasets" : "")}" +
                                     $"{(mixture is null ? "" : $", mixture {string.Join(":", mixture)}")}): {split.Train.Count} training / {split.HeldOut.Count} held-out episodes, {data.StepCount} steps");
 
-            using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)));
-            WeightLoader.Load(model, checkpoint, training.Quantization(r));
+            // OFT: continue an OFT base's head, or start new components as openvla-oft does.
+            OftWeights? baseOft = trainOft && OftSpec.IsOft(basePath, checkpoint.Config)
+                ? OftWeights.Read(basePath, checkpoint.Config, checkpoint.NormStats.Keys, new OftOverrides(chunk, data.Config.ImageKeys?.Count)) : null;
+            OftSpec? spec = null;
+            if (trainOft)
+            {
+                int cameras = data.Config.ImageKeys?.Count ?? 1;
+                if (r.GetValue(proprio) && data.Config.ProprioKey is null)
+                    throw new UsageException($"--proprio: {data.Name} names no proprio key (set proprio_key in --dataset-config, e.g. \"state\" for RLDS)");
+                int proprioDim = r.GetValue(proprio) ? stats.Proprio.Dim : 0;
+                spec = baseOft?.Spec ?? new OftSpec(chunk, stats.Action.Dim, proprioDim, cameras, false, BoundsNormalization.Q99, "(new)", proprioDim > 0 ? "(new)" : null, null, "finetune --oft");
+                if (spec.ActionDim != stats.Action.Dim || spec.ProprioDim != proprioDim || spec.NumImages != cameras || spec.ActionChunk != chunk)
+                    throw new UsageException($"the base's OFT head predicts chunks of {spec.ActionChunk}×{spec.ActionDim} from {spec.NumImages} camera(s) and a {spec.ProprioDim}-D proprio; these options ask for {chunk}×{stats.Action.Dim}, {cameras}, {proprioDim}");
+                if (spec.UseFilm) throw new UsageException("training FiLM models is not supported yet");
+            }
+            using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)), spec);
+            WeightLoader.Load(model, checkpoint, training.Quantization(r), spec is null ? null : OpenVlaModel.IsOftComponent);
+            if (baseOft is not null) baseOft.Fill(model, []);
+            else if (spec is not null) OftWeights.InitializeNew(model, new torch.Generator(options.Seed ^ 0x0F7));
             using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics, stats.Aux);
             stats.SaveTo(runDir);
             if (latest is not null && r.GetValue(resume))
@@ -234,6 +270,9 @@ internal static class FineTuneVerbs
                 Console.Error.WriteLine($"finetune: resumed from {latest} at step {trainer.Step}");
             }
             var plan = MemoryPlanner.Plan(checkpoint.Config, options, elementBytes, quantization: training.Quantization(r));
+            if (spec is not null)
+                Console.Error.WriteLine($"finetune: OpenVLA-OFT, chunks of {spec.ActionChunk}×{spec.ActionDim}, {spec.NumImages} camera(s), " +
+                                        $"{(spec.ProprioDim > 0 ? $"{spec.ProprioDim}-D proprio" : "no proprio")}, L1 loss; {(baseOft is null ? "new head" : "the base's head")}");
             Console.Error.WriteLine($"finetune: {(options.Full ? "full training" : $"LoRA on {trainer.AdaptedModules.Count} layers")}, " +
                                     $"{trainer.TrainableParameters / 1e6:0.##} M trainable parameters, planned peak {MemoryPlanner.Gb(plan.PeakBytes)}");
 

@@ -51,6 +51,13 @@ public sealed record PolicyOptions
     // Quantized with f32 activations runs the kernels' exact scalar path: a reference, 10–20× slower than bf16.
     public ScalarType ScalarType => DType is null ? (Quantize == "none" ? ScalarType.Float32 : ScalarType.BFloat16) : ParseDType(DType);
 
+    /// <summary>A TorchSharp device string ("cpu", "cuda", "cuda:1") → the device; anything else is the user's error.</summary>
+    public static Device ParseDevice(string name)
+    {
+        try { return torch.device(name); }
+        catch (Exception e) { throw new PolicyInputException($"unknown device '{name}' ({e.Message.ReplaceLineEndings(" ")})"); }
+    }
+
     /// <summary>"f32"/"float32" or "bf16"/"bfloat16" → the TorchSharp type; anything else is the user's error.</summary>
     public static ScalarType ParseDType(string name) => name switch
     {
@@ -76,7 +83,6 @@ public sealed record PolicyOptions
 public sealed class VlaPolicy : IActionPolicy, IDisposable
 {
     readonly object _gate = new();
-    readonly ImagePreprocessor _preprocessor;
     readonly Generator? _sampler;
     readonly Tensor _binCentres;   // [NumBins] f32: the normalized value of action token FirstActionId + j
     readonly OftSpec? _oft;
@@ -84,7 +90,9 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     public VlaCheckpoint Checkpoint { get; }
     public OpenVlaModel Model { get; }
     public VlaTokenizer Tokenizer { get; }
-    public ActionTokenizer ActionTokenizer { get; }
+    public ActionTokenizer ActionTokenizer => Core.ActionTokenizer;
+    /// <summary>Everything before and after the network, in plain arrays (shared with any other backend).</summary>
+    public PolicyCore Core { get; }
     public PolicyOptions Options { get; }
     public LoadReport LoadReport { get; }
     public PolicyDescription Description { get; }
@@ -96,11 +104,10 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     {
         Checkpoint = checkpoint; Model = model; Tokenizer = tokenizer; Options = options; LoadReport = report; Device = device;
         _oft = model.Oft;
-        ActionTokenizer = new ActionTokenizer(checkpoint.Config.TokenizerVocabSize, checkpoint.Config.NActionBins);
+        Core = new PolicyCore(checkpoint, tokenizer, ImagePreprocessor.ForCheckpoint(checkpoint), _oft);
         Decoding = options.ActionDecoding ?? ActionDecoding.FromGenerationConfig(Path.Combine(checkpoint.Directory, "generation_config.json"));
         _binCentres = tensor(Enumerable.Range(0, ActionTokenizer.NumBins).Select(j => (float)ActionTokenizer.Decode(ActionTokenizer.FirstActionId + j)).ToArray(), device: device);
         if (Decoding.Mode == DecodingMode.Sample) _sampler = new Generator((ulong)Decoding.Seed, torch.CPU);   // probabilities are sampled on the CPU
-        _preprocessor = ImagePreprocessor.ForCheckpoint(checkpoint);
         Description = new PolicyDescription(
             ModelId: Path.GetFileName(Path.GetFullPath(checkpoint.Directory).TrimEnd('/')),
             Architecture: _oft is null ? "OpenVLAForActionPrediction" : "OpenVLAForActionPrediction+OFT",
@@ -138,9 +145,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         var tokenizer = VlaTokenizer.Load(checkpoint.TokenizerPath);
         if (tokenizer.VocabSize != checkpoint.Config.TokenizerVocabSize)
             throw new CheckpointException($"{checkpointDir}: tokenizer.model has {tokenizer.VocabSize} pieces but config.json implies {checkpoint.Config.TokenizerVocabSize} (text vocab_size − pad_to_multiple_of)");
-        Device device;
-        try { device = torch.device(options.Device); }
-        catch (Exception e) { throw new PolicyInputException($"unknown device '{options.Device}' ({e.Message.ReplaceLineEndings(" ")})"); }
+        var device = PolicyOptions.ParseDevice(options.Device);
         var dtype = checkpoint.Config.StoredQuantization is null ? options.ScalarType : ScalarType.BFloat16;
         OftWeights? oftWeights = null;
         OftSpec? oft;
@@ -220,100 +225,42 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     public IReadOnlyList<ActionPrediction> PredictBatch(IReadOnlyList<VlaObservation> observations, CancellationToken cancellationToken = default)
     {
         if (observations.Count == 0) return [];
-        // Validate everything before any compute, so one bad observation fails fast with its own message.
-        var keys = observations.Select(o => Checkpoint.ResolveUnnormKey(o.UnnormKey)).ToArray();
-        var prompts = observations.Select(o => Tokenizer.PromptIds(o.Instruction)).ToArray();
-        int actionDim = _oft?.ActionDim ?? Checkpoint.NormStats[keys[0]].Q01.Length;
-        if (keys.Any(k => Checkpoint.NormStats[k].Q01.Length != actionDim))
-            throw new PolicyInputException(_oft is null
-                ? "observations of one batch must use statistics with the same action dimension"
-                : $"the model predicts {actionDim}-D actions but the statistics of '{keys.First(k => Checkpoint.NormStats[k].Q01.Length != actionDim)}' have {Checkpoint.NormStats[keys.First(k => Checkpoint.NormStats[k].Q01.Length != actionDim)].Q01.Length} dims");
-        int cameras = Description.ImagesPerObservation;
-        foreach (var o in observations)
-            if (o.Images.Count != cameras)
-                throw new PolicyInputException(cameras == 1 ? $"the model takes 1 image per observation, got {o.Images.Count}"
-                    : $"the model takes {cameras} images per observation ({string.Join(", ", Description.CameraNames)}), got {o.Images.Count}");
-        var proprio = NormalizedProprio(observations, keys);
-
+        var total = Stopwatch.StartNew();
+        var batch = Core.Prepare(observations, Options.CenterCrop, Description.CameraNames);   // validates before any compute
+        double preprocessMs = total.Elapsed.TotalMilliseconds;
         lock (_gate)
         {
             using var inference = torch.inference_mode();
             using var scope = NewDisposeScope();
-            var total = Stopwatch.StartNew();
             var sw = Stopwatch.StartNew();
-            var frames = observations.SelectMany(o => o.Images).ToList();       // row-major: observation, then camera
-            var pixels = _preprocessor.PreprocessBatch(frames, Options.CenterCrop, Device, Model.Precision.DType);
-            if (cameras > 1) pixels = pixels.reshape(observations.Count, 6 * cameras, pixels.shape[2], pixels.shape[3]);
-            double preprocessMs = Lap(sw);
-
-            var results = new ActionPrediction[observations.Count];
+            var pixels = tensor(batch.Pixels, [batch.Size, 6L * batch.Cameras, batch.Height, batch.Width]).to(Model.Precision.DType, Device);
+            preprocessMs += Lap(sw);
+            var results = new ActionPrediction[batch.Size];
             if (_oft is null)
             {
                 var patches = Model.EncodeImages(pixels);
                 SyncDevice();
                 double visionMs = Lap(sw);
                 cancellationToken.ThrowIfCancellationRequested();
-
-                var (tokens, values, prefillMs, decodeMs) = Generate(patches, prompts, actionDim);
+                var (tokens, values, prefillMs, decodeMs) = Generate(patches, batch.Prompts, Core.ActionDim(batch.Keys[0]));
                 var timings = new StageTimings(preprocessMs, visionMs, prefillMs, decodeMs, total.Elapsed.TotalMilliseconds);
-                for (int b = 0; b < results.Length; b++)
-                {
-                    var normalized = values?[b] ?? tokens[b].Select(id => ActionTokenizer.Decode(id)).ToArray();
-                    var action = ActionNormalizer.Unnormalize(normalized, Checkpoint.NormStats[keys[b]]);
-                    results[b] = ActionPrediction.Single(action, normalized.Select(v => (float)v).ToArray(), tokens[b], prompts[b], keys[b], timings);
-                }
+                for (int b = 0; b < results.Length; b++) results[b] = Core.FromTokens(tokens[b], values?[b], batch.Prompts[b], batch.Keys[b], timings);
                 return results;
             }
-
-            var (chunks, timing) = PredictChunks(pixels, prompts, proprio, cancellationToken);
+            cancellationToken.ThrowIfCancellationRequested();
+            var (chunks, timing) = PredictChunks(pixels, batch);
             var oftTimings = new StageTimings(preprocessMs, timing.VisionMs, timing.LanguageMs, timing.HeadMs, total.Elapsed.TotalMilliseconds);
-            for (int b = 0; b < results.Length; b++)
-            {
-                var normalizedChunk = chunks[b];
-                var actions = normalizedChunk.Select(n => ActionNormalizer.Unnormalize(n.Select(v => (double)v).ToArray(), Checkpoint.NormStats[keys[b]], _oft.Normalization, 1e-8)).ToArray();
-                results[b] = new ActionPrediction(actions, normalizedChunk, [], prompts[b], keys[b], oftTimings);
-            }
+            for (int b = 0; b < results.Length; b++) results[b] = Core.FromChunk(chunks[b], batch.Prompts[b], batch.Keys[b], oftTimings);
             return results;
         }
     }
 
-    /// <summary>Proprio of every row, checked and normalized with its dataset's statistics as openvla-oft
-    /// normalize_proprio does (every dimension clipped to [−1, 1]); null for a model that takes none, which ignores it.</summary>
-    float[][]? NormalizedProprio(IReadOnlyList<VlaObservation> observations, string[] keys)
-    {
-        if (_oft is not { ProprioDim: > 0 } oft) return null;
-        var result = new float[observations.Count][];
-        for (int b = 0; b < result.Length; b++)
-        {
-            var p = observations[b].Proprio ?? throw new PolicyInputException($"the model takes the robot's proprioceptive state ({oft.ProprioDim} values); none was given");
-            if (p.Count != oft.ProprioDim) throw new PolicyInputException($"the model takes a proprio of {oft.ProprioDim} values, got {p.Count}");
-            for (int i = 0; i < p.Count; i++)
-                if (!float.IsFinite(p[i])) throw new PolicyInputException($"proprio value {i} is {p[i]}; every value must be finite");
-            result[b] = ActionNormalizer.Normalize(p, Checkpoint.ProprioStats[keys[b]], oft.Normalization, clipUnmasked: true).Select(v => (float)v).ToArray();
-        }
-        return result;
-    }
-
-    /// <summary>OpenVLA-OFT: every row's ids (prompt, chunk·A placeholders, the stop token), right-padded, through
+    /// <summary>OpenVLA-OFT: the batch's parallel ids (<see cref="PolicyCore.ParallelLayout"/>) through
     /// <see cref="OpenVlaModel.PredictChunk"/>. Returns the normalized chunks [B][chunk][A].</summary>
-    (float[][][] Chunks, (double VisionMs, double LanguageMs, double HeadMs) Timing) PredictChunks(Tensor pixels, int[][] prompts, float[][]? proprio, CancellationToken cancellationToken)
+    (float[][][] Chunks, (double VisionMs, double LanguageMs, double HeadMs) Timing) PredictChunks(Tensor pixels, PreparedBatch batch)
     {
         var oft = _oft!;
-        int batch = prompts.Length, placeholders = oft.ActionChunk * oft.ActionDim;
-        int t = prompts.Max(p => p.Length) + placeholders + 1;
-        var ids = new long[batch * t];
-        var placeholder = new bool[batch * t];
-        var valid = new bool[batch * t];
-        Array.Fill(ids, (long)Checkpoint.Config.Text.PadTokenId);
-        for (int b = 0; b < batch; b++)
-        {
-            int row = b * t, n = prompts[b].Length;
-            for (int i = 0; i < n; i++) { ids[row + i] = prompts[b][i]; valid[row + i] = true; }
-            for (int i = 0; i < placeholders; i++) { ids[row + n + i] = OftPlaceholderId; placeholder[row + n + i] = true; valid[row + n + i] = true; }
-            ids[row + n + placeholders] = Tokenizer.EosId;                // the stop token
-            valid[row + n + placeholders] = true;
-        }
-        cancellationToken.ThrowIfCancellationRequested();
+        var layout = Core.ParallelLayout(batch.Prompts);
         var sw = Stopwatch.StartNew();
         double visionMs = 0, languageMs = 0;
         void StageDone(string stage)
@@ -322,13 +269,14 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             if (stage == "vision") visionMs = Lap(sw);
             else languageMs = Lap(sw);
         }
-        using var proprioTensor = proprio is null ? null : tensor(proprio.SelectMany(p => p).ToArray(), [batch, proprio[0].Length], device: Device);
-        var chunk = Model.PredictChunk(pixels, tensor(ids, [batch, t], device: Device), tensor(placeholder, [batch, t], device: Device),
-            tensor(valid, [batch, t], device: Device), prompts.Select(p => p.Length).ToArray(), proprioTensor, stageDone: StageDone);
+        using var proprio = batch.Proprio is null ? null : tensor(batch.Proprio.SelectMany(p => p).ToArray(), [batch.Size, batch.Proprio[0].Length], device: Device);
+        long[] shape = [batch.Size, layout.Length];
+        var chunk = Model.PredictChunk(pixels, tensor(layout.Ids, shape, device: Device), tensor(layout.Placeholder, shape, device: Device),
+            tensor(layout.Valid, shape, device: Device), batch.Prompts.Select(p => p.Length).ToArray(), proprio, stageDone: StageDone);
         var values = chunk.to(ScalarType.Float32).cpu().data<float>().ToArray();
         double headMs = Lap(sw);
-        var result = new float[batch][][];
-        for (int b = 0; b < batch; b++)
+        var result = new float[batch.Size][][];
+        for (int b = 0; b < batch.Size; b++)
         {
             result[b] = new float[oft.ActionChunk][];
             for (int k = 0; k < oft.ActionChunk; k++)
@@ -336,10 +284,6 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         }
         return (result, (visionMs, languageMs, headMs));
     }
-
-    /// <summary>The id openvla-oft writes at placeholder positions (torch.ones); their embeddings are zeroed, so it only
-    /// has to be a valid id.</summary>
-    const long OftPlaceholderId = 1;
 
     /// <summary>Prefill [BOS, image tokens, prompt…] for every row (left-padded to a common length), then decoding of one
     /// token per action dimension by the policy's <see cref="ActionDecoding"/>. Values is null for greedy (the caller

@@ -179,6 +179,8 @@ public sealed class ActionNormalizer
         _mask = actionStatistics.Mask ?? Enumerable.Repeat(true, actionStatistics.Dim).ToArray();
     }
 
+    public int Dim => _stats.Dim;
+
     public float[] Normalize(float[] action)
     {
         if (action.Length != _stats.Dim) throw new ArgumentException($"action has {action.Length} dims, statistics have {_stats.Dim}");

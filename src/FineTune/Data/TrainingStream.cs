@@ -9,6 +9,10 @@ namespace OpenVLA.FineTune.Data;
 /// <param name="NormalizedAction">BOUNDS_Q99-normalized action in [−1, 1] on masked dims: what the action tokenizer bins.</param>
 /// <param name="Proprio">Proprioceptive state, empty when the dataset has none.</param>
 /// <param name="Aux">The config's aux targets (not normalized); null when none are configured.</param>
+/// <param name="NormalizedChunk">With <see cref="StreamOptions.ActionChunk"/> K: this step's action and the next K−1,
+/// normalized (OpenVLA-OFT's targets); null otherwise.</param>
+/// <param name="NormalizedProprio">The proprio normalized like the actions (BOUNDS_Q99, clipped), when the statistics have
+/// proprio; null otherwise.</param>
 public sealed record TrainingSample(
     string DatasetName,
     int EpisodeIndex,
@@ -18,14 +22,16 @@ public sealed record TrainingSample(
     float[] Action,
     float[] NormalizedAction,
     float[] Proprio,
-    float[]? Aux = null)
+    float[]? Aux = null,
+    float[][]? NormalizedChunk = null,
+    float[]? NormalizedProprio = null)
 {
     /// <summary>The stream's cursor just after this sample: save the one of the last sample a finished optimizer step used, so
     /// samples prefetched but not yet trained on are handed out again after a resume.</summary>
     public StreamCursor? CursorAfter { get; init; }
 
     /// <summary>The policy's input for this sample (held-out evaluation through <see cref="IActionPolicy"/>), un-normalized with this dataset's key.</summary>
-    public VlaObservation ToObservation() => new(Images, Instruction, DatasetName);
+    public VlaObservation ToObservation() => new(Images, Instruction, DatasetName, Proprio.Length > 0 ? Proprio : null);
 }
 
 /// <summary>How a <see cref="TrainingStream"/> orders and prepares samples.</summary>
@@ -56,6 +62,13 @@ public sealed record StreamOptions
     /// episode is read twice in an epoch. Null: no mixture.
     /// </summary>
     public IReadOnlyList<double>? DatasetWeights { get; init; }
+    /// <summary>
+    /// OpenVLA-OFT action chunks of K actions: each sample carries its action and the next K−1 as
+    /// <see cref="TrainingSample.NormalizedChunk"/>. As in openvla-oft's RLDS pipeline (traj_transforms.chunk_act_obs with
+    /// future_action_window_size = K−1), the last K−1 steps of every episode are not samples: every chunk is whole, none
+    /// is padded. 1: no chunks.
+    /// </summary>
+    public int ActionChunk { get; init; } = 1;
 }
 
 /// <summary>
@@ -77,6 +90,7 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
     private readonly VlaDataset _dataset;
     private readonly int[] _episodes;
     private readonly ActionNormalizer _normalizer;
+    private readonly ActionNormalizer? _proprioNormalizer;
     private readonly StreamOptions _options;
     private readonly int _bufferSize;
     private readonly string _fingerprint;
@@ -120,6 +134,11 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         foreach (int e in _episodes)
             if (e < 0 || e >= dataset.EpisodeCount) throw new DatasetException($"{dataset.Name}: episode {e} does not exist ({dataset.EpisodeCount} episodes)");
         _normalizer = new ActionNormalizer(statistics.Action);
+        _proprioNormalizer = statistics.Proprio.Dim > 0 && statistics.Proprio.Q99.Zip(statistics.Proprio.Q01).Any(p => p.First != p.Second)
+            ? new ActionNormalizer(statistics.Proprio) : null;
+        if (_options.ActionChunk < 1) throw new DatasetException($"action chunk must be at least 1, got {_options.ActionChunk}");
+        if (_options.ActionChunk > 1 && _episodes.All(e => Usable(e) == 0))
+            throw new DatasetException($"{dataset.Name}: every episode is shorter than a chunk of {_options.ActionChunk} actions");
         _bufferSize = _options.Shuffle ? _options.ShuffleBufferSize : 1;
         if (_options.DatasetWeights is { } weights)
         {
@@ -128,7 +147,8 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
             if (weights.Any(w => !double.IsFinite(w) || w <= 0)) throw new DatasetException($"dataset weights must be positive, got {string.Join(", ", weights)}");
             if (!_options.Shuffle) throw new DatasetException("dataset weights need a shuffled stream");
         }
-        _fingerprint = Fingerprint(dataset, _episodes) + (_options.DatasetWeights is { } mix ? ":mix=" + string.Join("/", mix.Select(w => w.ToString("R", System.Globalization.CultureInfo.InvariantCulture))) : "");
+        _fingerprint = Fingerprint(dataset, _episodes) + (_options.DatasetWeights is { } mix ? ":mix=" + string.Join("/", mix.Select(w => w.ToString("R", System.Globalization.CultureInfo.InvariantCulture))) : "")
+            + (_options.ActionChunk > 1 ? $":chunk={_options.ActionChunk}" : "");
         StartEpoch(0);
         if (resumeFrom is not null) Resume(resumeFrom);
     }
@@ -201,7 +221,7 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
     private bool TryPull(out (int Episode, int Step) r)
     {
         r = default;
-        while (_nextEpisode < _order.Length && _nextStep >= _dataset.EpisodeLength(_order[_nextEpisode]))
+        while (_nextEpisode < _order.Length && _nextStep >= Usable(_order[_nextEpisode]))
         {
             _nextEpisode++;
             _nextStep = 0;
@@ -251,7 +271,11 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         if (remaining == 1) _loaded.Remove(episode);
         else _loaded[episode] = (data, remaining - 1);
         var action = data.Actions[step];
-        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _normalizer.Normalize(action), data.Proprio[step], data.Aux?[step])
+        var chunk = _options.ActionChunk > 1 ? Enumerable.Range(step, _options.ActionChunk).Select(t => _normalizer.Normalize(data.Actions[t])).ToArray() : null;
+        var proprio = data.Proprio[step];
+        var normalizedProprio = _proprioNormalizer is not null && proprio.Length == _proprioNormalizer.Dim ? _proprioNormalizer.Normalize(proprio) : null;
+        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _normalizer.Normalize(action), proprio, data.Aux?[step],
+            chunk, normalizedProprio)
         {
             CursorAfter = Cursor,
         };
@@ -261,7 +285,7 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
     private void Load(int episode, HashSet<int>? live)
     {
         var data = _dataset.ReadEpisode(episode, withImages: true);
-        int remaining = data.Length;
+        int remaining = Usable(episode);
         if (live is not null)
         {
             for (int c = 0; c < data.Frames!.Length; c++)
@@ -290,13 +314,16 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         if (_nextEpisode < _order.Length)
         {
             int e = _order[_nextEpisode];
-            for (int t = _nextStep; t < _dataset.EpisodeLength(e) && _nextStep > 0; t++) (live.TryGetValue(e, out var set) ? set : live[e] = []).Add(t);
+            for (int t = _nextStep; t < Usable(e) && _nextStep > 0; t++) (live.TryGetValue(e, out var set) ? set : live[e] = []).Add(t);
         }
         // Read in planned order so shards that must be read sequentially are read forward.
         var rank = new Dictionary<int, int>();
         for (int i = 0; i < _order.Length; i++) rank[_order[i]] = i;
         foreach (var (e, steps) in live.OrderBy(kv => rank[kv.Key])) Load(e, steps);
     }
+
+    /// <summary>Steps of an episode that are samples: all of them, or those with a whole chunk ahead.</summary>
+    private int Usable(int episode) => Math.Max(0, _dataset.EpisodeLength(episode) - (_options.ActionChunk - 1));
 
     private static string Fingerprint(VlaDataset dataset, int[] episodes)
     {

@@ -29,18 +29,22 @@ public sealed class StreamExampleSource : IExampleSource
         _stream = _open(cursor.Deserialize<StreamCursor>() ?? throw new DatasetException("the saved data cursor is empty"));
 
     public static TrainingExample ToExample(TrainingSample s) =>
-        new(s.Images[0], s.Instruction, s.NormalizedAction, s.DatasetName, s.Aux);
+        new(s.Images[0], s.Instruction, s.NormalizedAction, s.DatasetName, s.Aux)
+        {
+            ExtraImages = s.Images.Skip(1).ToArray(), NormalizedChunk = s.NormalizedChunk, NormalizedProprio = s.NormalizedProprio,
+        };
 
     /// <summary>
     /// Up to <paramref name="count"/> held-out examples, fixed for the run: one pass through the held-out episodes with a
     /// seeded shuffle buffer of 4·count steps (so the set spans several episodes, not the first one), no augmentation.
     /// </summary>
-    public static List<TrainingExample> HeldOut(VlaDataset data, IReadOnlyList<int> episodes, DatasetStatistics statistics, int imageSize, int count, ulong seed)
+    public static List<TrainingExample> HeldOut(VlaDataset data, IReadOnlyList<int> episodes, DatasetStatistics statistics, int imageSize, int count, ulong seed,
+        int actionChunk = 1)
     {
         if (episodes.Count == 0 || count == 0) return [];
         var stream = new TrainingStream(data, episodes, statistics, new StreamOptions
         {
-            Shuffle = true, Repeat = false, ShuffleBufferSize = Math.Max(1, 4 * count), Seed = seed ^ 0xE7A1, ImageSize = imageSize,
+            Shuffle = true, Repeat = false, ShuffleBufferSize = Math.Max(1, 4 * count), Seed = seed ^ 0xE7A1, ImageSize = imageSize, ActionChunk = actionChunk,
         });
         return stream.Take(count).Select(ToExample).ToList();
     }

@@ -59,6 +59,7 @@ public sealed class Trainer : IDisposable
     readonly Generator _generator;
     double _elapsedBefore;
     readonly AuxHead? _aux;
+    readonly OftObjective? _oft;
 
     public TrainerOptions Options { get; }
     public string OutputDirectory { get; }
@@ -82,6 +83,11 @@ public sealed class Trainer : IDisposable
         OutputDirectory = outputDirectory;
         _statistics = datasetStatistics;
         _objective = ActionObjective.ForCheckpoint(baseCheckpoint, tokenizer);
+        if (model.Oft is { } spec)
+        {
+            if (options.AuxWeight > 0) throw new ArgumentException("the auxiliary head belongs to the token objective; an OFT model trains with the L1 loss alone");
+            _oft = OftObjective.ForCheckpoint(baseCheckpoint, tokenizer, spec);
+        }
 
         var quantized = model.named_modules().Where(m => m.module is Linear { Quantized: not null }).Select(m => ((Linear)m.module).Quantized!).ToList();
         if (quantized.Count > 0)
@@ -102,6 +108,9 @@ public sealed class Trainer : IDisposable
         {
             foreach (var p in model.parameters()) p.requires_grad = false;
             AdaptedModules = PeftAdapter.Attach(model, options.Lora, _generator);
+            // openvla-oft trains the action head and the proprio projector in full beside the LoRA model.
+            foreach (var component in new nn.Module?[] { model.action_head, model.proprio_projector })
+                if (component is not null) foreach (var p in component.parameters()) p.requires_grad = true;
         }
         model.train();
         GradientCheckpointing.SetVision(model, options.GradientCheckpointing, _generator);
@@ -131,6 +140,16 @@ public sealed class Trainer : IDisposable
             var examples = Enumerable.Range(0, Options.BatchSize).Select(_ => source.Next()).ToList();
             using var scope = NewDisposeScope();
             _generator.manual_seed((long)(InMemoryExampleSource.Mix(Options.Seed, (ulong)step, (ulong)micro) >> 1));
+            if (_oft is not null)
+            {
+                using var oftBatch = _oft.Build(examples, _model.Precision.Device, _model.Precision.DType);
+                var (oftLoss, value) = _oft.Forward(_model, oftBatch, LayerRunner());
+                (oftLoss / Options.GradAccumulation).backward();
+                lossSum += value;
+                l1Sum += value;
+                actionTokens += 1;   // the L1 metric is the loss itself: one unit per micro-batch
+                continue;
+            }
             using var batch = _objective.Build(examples, _model.Precision.Device, _model.Precision.DType);
             Tensor? patches = null;
             var result = Forward(batch, _aux is null ? null : t => patches = t);
@@ -160,17 +179,19 @@ public sealed class Trainer : IDisposable
         _clock.Stop();
         double elapsed = _elapsedBefore + _clock.Elapsed.TotalSeconds;
         return new StepMetrics(_optimizer.Step, "train", lossSum / Options.GradAccumulation,
-            actionTokens == 0 ? double.NaN : (double)correct / actionTokens, actionTokens == 0 ? double.NaN : l1Sum / actionTokens,
+            actionTokens == 0 || _oft is not null ? double.NaN : (double)correct / actionTokens, actionTokens == 0 ? double.NaN : l1Sum / actionTokens,
             lr, gradNorm, _optimizer.Step * (double)Options.EffectiveBatch / Math.Max(elapsed, 1e-9), elapsed)
         {
             AuxLoss = _aux is null ? double.NaN : auxSum / Options.GradAccumulation,
         };
     }
 
+    Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? LayerRunner() =>
+        Options.GradientCheckpointing ? GradientCheckpointing.DecoderLayers(_generator) : null;
+
     ObjectiveResult Forward(TrainingBatch batch, Action<Tensor>? onPatches = null)
     {
-        var runner = Options.GradientCheckpointing ? GradientCheckpointing.DecoderLayers(_generator) : null;
-        var (hidden, labels) = ActionObjective.Forward(_model, batch, runner, onPatches);
+        var (hidden, labels) = ActionObjective.Forward(_model, batch, LayerRunner(), onPatches);
         return _objective.Score(hidden, labels, _model.language_model.Logits);
     }
 
@@ -197,7 +218,8 @@ public sealed class Trainer : IDisposable
         long targets = 0, actions = 0, correct = 0, shuffledTargets = 0;
         // Same instructions and targets, the next example's frame (over the whole set, so every scored example is also
         // scored without its own frame): what the policy knows without looking. Nothing to swap with a single example.
-        var swapped = n < 2 ? null : heldOut.Take(n).Select((e, k) => e with { Image = heldOut[(k + 1) % n].Image }).ToList();
+        var swapped = n < 2 ? null : heldOut.Take(n).Select((e, k) => e with { Image = heldOut[(k + 1) % n].Image, ExtraImages = heldOut[(k + 1) % n].ExtraImages }).ToList();
+        if (_oft is not null) return EvaluateOft(heldOut.Take(n).ToList(), swapped, sw);
         _model.eval();
         try
         {
@@ -233,6 +255,35 @@ public sealed class Trainer : IDisposable
         };
     }
 
+    /// <summary>OFT: the mean L1 of the held-out chunks, and with every frame swapped for another example's.</summary>
+    StepMetrics EvaluateOft(List<TrainingExample> examples, List<TrainingExample>? swapped, Stopwatch sw)
+    {
+        double sum = 0, shuffledSum = 0;
+        _model.eval();
+        try
+        {
+            using var noGrad = torch.no_grad();
+            for (int i = 0; i < examples.Count; i += Options.BatchSize)
+            {
+                using var scope = NewDisposeScope();
+                int count = Math.Min(Options.BatchSize, examples.Count - i);
+                using var batch = _oft!.Build(examples.GetRange(i, count), _model.Precision.Device, _model.Precision.DType);
+                sum += _oft.Forward(_model, batch).Value * count;
+                if (swapped is null) continue;
+                using var swappedBatch = _oft.Build(swapped.GetRange(i, count), _model.Precision.Device, _model.Precision.DType);
+                shuffledSum += _oft.Forward(_model, swappedBatch).Value * count;
+            }
+        }
+        finally { _model.train(); }
+        int n = examples.Count;
+        double l1 = n == 0 ? double.NaN : sum / n;
+        return new StepMetrics(Step, "eval", l1, double.NaN, l1, _schedule.At(Math.Max(0, Step - 1)), double.NaN, n / Math.Max(sw.Elapsed.TotalSeconds, 1e-9),
+            _elapsedBefore + _clock.Elapsed.TotalSeconds)
+        {
+            ShuffledImageLoss = swapped is null || n == 0 ? double.NaN : shuffledSum / n,
+        };
+    }
+
     // ---- checkpoints ------------------------------------------------------------------------------------------------
 
     public const string StateDirName = "training_state", AdapterDirName = "adapter", ModelDirName = "model";
@@ -261,6 +312,8 @@ public sealed class Trainer : IDisposable
         }
         if (Options.Full || Options.Merge)
             CheckpointWriter.Write(Path.Combine(tmp, ModelDirName), _base, _model, _model.Precision.DType, _statistics);
+        // OFT: the head and the proprio projector in openvla-oft's file names, beside the adapter (what a resume reads).
+        if (_model.Oft is not null) OftWeights.Save(tmp, _model, Step.ToString(System.Globalization.CultureInfo.InvariantCulture));
 
         var stateDir = Path.Combine(tmp, StateDirName);
         Directory.CreateDirectory(stateDir);
@@ -274,6 +327,7 @@ public sealed class Trainer : IDisposable
             // The run's generator is reseeded from (seed, step, micro-batch) before every micro-batch, so the step is its state.
             ["rng"] = new JsonObject { ["seed"] = Options.Seed.ToString(), ["reseeded_per_micro_batch"] = true },
             ["options"] = OptionsJson(Options),
+            ["oft"] = _model.Oft?.ToJson(),
             ["base_model"] = baseModelNameOrPath,
         };
         File.WriteAllText(Path.Combine(stateDir, StateFile), state.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
@@ -316,11 +370,15 @@ public sealed class Trainer : IDisposable
             if (!JsonNode.DeepEquals(was, value))
                 throw new PolicyInputException($"cannot resume from {checkpointDir}: option {key} was {was?.ToJsonString() ?? "unset"}, now {value?.ToJsonString() ?? "unset"}");
         }
+        var savedOft = state["oft"];
+        var nowOft = _model.Oft?.ToJson();
+        if (!JsonNode.DeepEquals(savedOft, nowOft))
+            throw new PolicyInputException($"cannot resume from {checkpointDir}: OFT settings were {savedOft?.ToJsonString() ?? "none"}, now {nowOft?.ToJsonString() ?? "none"}");
         using (torch.no_grad())
         {
             if (Options.Full)
             {
-                WeightLoader.Load(_model, VlaCheckpoint.Open(Path.Combine(checkpointDir, ModelDirName)));
+                WeightLoader.Load(_model, VlaCheckpoint.Open(Path.Combine(checkpointDir, ModelDirName)), loadedElsewhere: _model.Oft is null ? null : OpenVlaModel.IsOftComponent);
             }
             else
             {
@@ -335,6 +393,12 @@ public sealed class Trainer : IDisposable
                     target.copy_(t);
                 }
             }
+        }
+        if (_model.Oft is { } spec)
+        {
+            var components = OftWeights.Read(checkpointDir, _model.Config, [], new OftOverrides(spec.ActionChunk, spec.NumImages))
+                ?? throw new CheckpointException($"{checkpointDir}: the OFT action head file is missing");
+            components.Fill(_model, []);
         }
         _aux?.Load(Path.Combine(checkpointDir, StateDirName, AuxHeadFile));
         _optimizer.Load(Path.Combine(checkpointDir, StateDirName, OptimizerFile));

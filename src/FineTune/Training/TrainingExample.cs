@@ -6,7 +6,14 @@ namespace OpenVLA.FineTune.Training;
 /// <summary>What the trainer consumes: one camera frame, the instruction, and the action already normalized to [−1, 1]
 /// on its masked dims (BOUNDS_Q99, openvla-model.md §3.3) — the values the action tokenizer bins — and, when the dataset
 /// config names aux_keys, the auxiliary targets (not normalized) an auxiliary head learns to read from the image.</summary>
-public sealed record TrainingExample(RgbImage Image, string Instruction, float[] NormalizedAction, string DatasetName, float[]? Aux = null);
+/// <remarks>OpenVLA-OFT adds the other cameras' frames (<see cref="ExtraImages"/>, in the model's camera order), the
+/// chunk of normalized actions from this step on (<see cref="NormalizedChunk"/>) and the normalized proprio.</remarks>
+public sealed record TrainingExample(RgbImage Image, string Instruction, float[] NormalizedAction, string DatasetName, float[]? Aux = null)
+{
+    public IReadOnlyList<RgbImage> ExtraImages { get; init; } = [];
+    public float[][]? NormalizedChunk { get; init; }
+    public float[]? NormalizedProprio { get; init; }
+}
 
 /// <summary>
 /// An endless, deterministic supply of training examples whose position can be saved and restored, so a resumed run

@@ -24,7 +24,8 @@ public static class CheckpointWriter
             throw new PolicyInputException($"the output directory {outDir} is the base checkpoint itself");
         Directory.CreateDirectory(outDir);
         foreach (var stale in Directory.EnumerateFiles(outDir, "model*.safetensors*")) File.Delete(stale);
-        CopyNonWeightFiles(baseCheckpoint.Directory, outDir, dtype);
+        CopyNonWeightFiles(baseCheckpoint.Directory, outDir, dtype, model.Oft);
+        if (model.Oft is not null) OftWeights.Save(outDir, model, "latest");
         var statsPath = Path.Combine(outDir, "dataset_statistics.json");
         if (datasetStatistics is not null) File.WriteAllText(statsPath, datasetStatistics.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         else if (File.Exists(Path.Combine(baseCheckpoint.Directory, "dataset_statistics.json"))) File.Copy(Path.Combine(baseCheckpoint.Directory, "dataset_statistics.json"), statsPath, true);
@@ -63,18 +64,23 @@ public static class CheckpointWriter
 
     /// <summary>Config, tokenizer, processor and remote-code files: everything at the top level except weights and statistics.
     /// config.json's torch_dtype follows the stored precision.</summary>
-    static void CopyNonWeightFiles(string from, string to, ScalarType dtype)
+    /// <param name="oft">the model's OFT constants: its component files are written from the model (not copied) and
+    /// config.json gets the "oft" block</param>
+    static void CopyNonWeightFiles(string from, string to, ScalarType dtype, OftSpec? oft)
     {
         foreach (var file in Directory.EnumerateFiles(from))
         {
             var name = Path.GetFileName(file);
             if (name.StartsWith("model") && name.Contains(".safetensors") || name == "dataset_statistics.json") continue;
+            // The head and projector are written from the model; a FiLM vision_backbone file is kept as it is.
+            if (oft is not null && (name.StartsWith("action_head--", StringComparison.Ordinal) || name.StartsWith("proprio_projector--", StringComparison.Ordinal))) continue;
             if (name == "config.json")
             {
                 var config = JsonNode.Parse(File.ReadAllText(file))!.AsObject();
                 string dt = dtype == ScalarType.Float32 ? "float32" : "bfloat16";
                 config["torch_dtype"] = dt;
                 if (config["text_config"] is JsonObject text) text["torch_dtype"] = dt;
+                if (oft is not null) config["oft"] = oft.ToJson();
                 File.WriteAllText(Path.Combine(to, name), config.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
             }
             else File.Copy(file, Path.Combine(to, name), overwrite: true);

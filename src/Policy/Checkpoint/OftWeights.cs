@@ -82,6 +82,56 @@ public sealed class OftWeights
         }
     }
 
+    /// <summary>
+    /// Writes the model's OFT components as openvla-oft's finetune.py saves them from its DDP-wrapped modules: keys
+    /// prefixed <c>module.</c>, in the model's own precision (openvla-oft trains the head in bf16 and the projector in
+    /// float32; a float32 run keeps every bit, so a resume continues exactly, and openvla-oft's loader casts either); files <c>action_head--&lt;label&gt;_checkpoint.pt</c> and <c>proprio_projector--&lt;label&gt;_checkpoint.pt</c>
+    /// (label: the step, or "latest"). Component files already in the directory are replaced.
+    /// </summary>
+    public static void Save(string dir, OpenVlaModel model, string label)
+    {
+        if (model.action_head is null) throw new InvalidOperationException("the model has no OFT action head");
+        foreach (var stale in Directory.EnumerateFiles(dir, "*--*_checkpoint.pt").Where(f => Path.GetFileName(f).StartsWith("action_head--") || Path.GetFileName(f).StartsWith("proprio_projector--")))
+            File.Delete(stale);
+        static List<(string, long[], float[])> Tensors(nn.Module module)
+        {
+            using var noGrad = torch.no_grad();
+            return module.named_parameters().Select(p =>
+            {
+                using var t = p.parameter.detach().to(ScalarType.Float32, CPU).contiguous();
+                return ("module." + p.name, p.parameter.shape, t.data<float>().ToArray());
+            }).ToList();
+        }
+        string dtype = model.Precision.DType == ScalarType.Float32 ? "Float" : "BFloat16";
+        TorchStateDict.Save(Path.Combine(dir, $"action_head--{label}_checkpoint.pt"), Tensors(model.action_head), dtype);
+        if (model.proprio_projector is not null)
+            TorchStateDict.Save(Path.Combine(dir, $"proprio_projector--{label}_checkpoint.pt"), Tensors(model.proprio_projector), "Float");
+    }
+
+    /// <summary>openvla-oft's initialisation of new components (init_module: the modules' PyTorch defaults): every
+    /// Linear U(−1/√fan_in, 1/√fan_in) for weight and bias (kaiming_uniform with a = √5), LayerNorm weight 1 and bias 0.</summary>
+    public static void InitializeNew(OpenVlaModel model, Generator generator)
+    {
+        using var noGrad = torch.no_grad();
+        foreach (var component in new nn.Module?[] { model.action_head, model.proprio_projector })
+        {
+            if (component is null) continue;
+            foreach (var (_, module) in component.named_modules())
+                switch (module)
+                {
+                    case Linear lin:
+                        double bound = 1 / Math.Sqrt(lin.InFeatures);
+                        lin.weight.uniform_(-bound, bound, generator);
+                        lin.bias?.uniform_(-bound, bound, generator);
+                        break;
+                    case LayerNorm norm:
+                        norm.weight.fill_(1);
+                        norm.bias.fill_(0);
+                        break;
+                }
+        }
+    }
+
     static void Strict(Dictionary<string, TorchSharp.Modules.Parameter> parameters, string prefix, Dictionary<string, TorchTensor> stateDict, string path)
     {
         var file = Path.GetFileName(path);

@@ -32,10 +32,12 @@ public static class PeftAdapter
     /// <summary>PEFT's shorthand for every linear layer except the output head.</summary>
     public const string AllLinear = "all-linear";
 
-    /// <summary>Every LoRA-capable linear layer of the model by Hugging Face module path, lm_head excluded.</summary>
+    /// <summary>Every LoRA-capable linear layer of the model by Hugging Face module path, lm_head excluded, and so are
+    /// OpenVLA-OFT's action head and proprio projector: openvla-oft trains them in full, outside the PEFT model.</summary>
     public static IReadOnlyList<(string Path, Linear Layer)> Linears(nn.Module model) =>
         model.named_modules()
-            .Where(m => m.module is Linear && m.name != "language_model.lm_head" && !IsAdapterPart(m.name))
+            .Where(m => m.module is Linear && m.name != "language_model.lm_head" && !IsAdapterPart(m.name)
+                && !m.name.StartsWith("action_head.", StringComparison.Ordinal) && !m.name.StartsWith("proprio_projector.", StringComparison.Ordinal))
             .Select(m => (m.name, (Linear)m.module))
             .ToList();
 

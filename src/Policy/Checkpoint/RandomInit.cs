@@ -42,7 +42,20 @@ public static class RandomInit
                 continue;
             }
             var (mean, std) = MeanStd(name, p.shape);
-            p.normal_(mean, std, gen);
+            if (p.dtype == ScalarType.Float32) p.normal_(mean, std, gen);
+            else
+            {
+                // ATen draws bf16 normals one scalar at a time (about 12 min for the 7B model); float32 has a vectorized
+                // path, so draw in float32, a slice at a time, and round.
+                var flat = p.view(-1);
+                const long Slice = 1 << 24;
+                for (long start = 0; start < flat.shape[0]; start += Slice)
+                {
+                    long n = Math.Min(Slice, flat.shape[0] - start);
+                    using var f = torch.empty(n, ScalarType.Float32, p.device).normal_(mean, std, gen);
+                    flat.narrow(0, start, n).copy_(f);
+                }
+            }
         }
     }
 

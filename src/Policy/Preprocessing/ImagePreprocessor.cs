@@ -38,12 +38,20 @@ public sealed class ImagePreprocessor(PreprocessorConfig config)
     /// <summary>A batch of images (any sizes and aspect ratios) → float tensor [B, 3·towers, H, W].</summary>
     public Tensor PreprocessBatch(IReadOnlyList<RgbImage> images, bool centerCrop = false, Device? device = null, ScalarType dtype = ScalarType.Float32)
     {
+        var (h, w) = Config.OutputSize;
+        return ToDevice(tensor(PixelArray(images, centerCrop), [images.Count, Config.Channels, h, w]), device, dtype);
+    }
+
+    /// <summary>A batch of images → their pixel values in one plain array, [B, 3·towers, H, W] row-major (no tensor
+    /// library needed: what any backend feeds its vision input).</summary>
+    public float[] PixelArray(IReadOnlyList<RgbImage> images, bool centerCrop = false)
+    {
         if (images.Count == 0) throw new PolicyInputException("a batch needs at least one image");
         var (h, w) = Config.OutputSize;
         int per = Config.Channels * h * w;
         var all = new float[(long)per * images.Count];
         Parallel.For(0, images.Count, i => PixelValues(images[i], centerCrop).CopyTo(all, (long)i * per));
-        return ToDevice(tensor(all, [images.Count, Config.Channels, h, w]), device, dtype);
+        return all;
     }
 
     /// <summary>The normalized values in CHW order, computed in float32 exactly as torchvision does: (p / 255 − mean) / std.</summary>
