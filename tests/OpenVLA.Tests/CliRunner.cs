@@ -18,4 +18,13 @@ public static class CliRunner
         if (!p.WaitForExit(120_000)) { p.Kill(true); throw new TimeoutException($"openvla {string.Join(' ', args)} did not finish in 120 s"); }
         return new Result(p.ExitCode, stdout.Result, stderr.Result);
     }
+
+    /// <summary>The user-error contract: exit code 2, one line on stderr that contains <paramref name="expected"/>, nothing on stdout.</summary>
+    public static void AssertUserError(Result r, string expected)
+    {
+        Assert.Equal(2, r.ExitCode);
+        Assert.Contains(expected, r.Stderr);
+        Assert.Single(r.Stderr.Trim().Split('\n'));
+        Assert.Equal("", r.Stdout);
+    }
 }

@@ -39,10 +39,7 @@ public class OftPredictCommandTests
     public void BadInputExitsWithCode2AndOneLine(string[] extra, string expected)
     {
         var r = CliRunner.Run(Args(extra));
-        Assert.Equal(2, r.ExitCode);
-        Assert.Contains(expected, r.Stderr);
-        Assert.Single(r.Stderr.Trim().Split('\n'));
-        Assert.Equal("", r.Stdout);
+        CliRunner.AssertUserError(r, expected);
     }
 
     [Fact]

@@ -51,10 +51,7 @@ public class PredictCommandTests : IClassFixture<PredictCommandTests.TinyCheckpo
         var args = new List<string> { "predict", "--checkpoint", _ckpt, "--image", Image, "--instruction", "go" };
         if (option != null) { args.Add(option); args.Add(value!); }
         var r = CliRunner.Run([.. args]);
-        Assert.Equal(2, r.ExitCode);
-        Assert.Contains(expected, r.Stderr);
-        Assert.Single(r.Stderr.Trim().Split('\n'));
-        Assert.Equal("", r.Stdout);
+        CliRunner.AssertUserError(r, expected);
     }
 
     [Fact]
