@@ -182,8 +182,14 @@ internal static class FineTuneVerbs
                 if (r.GetValue(baseDir) is { } b) { config = VlaCheckpoint.Open(b).Config; what = b; }
                 else if (r.GetValue(preset) is { } p) { config = VlaConfig.Parse(CheckpointMaker.ConfigJson(CheckpointPreset.Get(p), dtype), p); what = p; }
                 else throw new UsageException("--dry-run needs --base DIR or --preset NAME");
-                var budget = MemoryPlanner.Plan(config, options, elementBytes, r.GetValue(promptTokens), training.Quantization(r));
+                // OFT without a dataset: 7-D actions and, with --proprio, LIBERO's 8-D state; cameras from --image-keys (default 1).
+                OftSpec? plannedOft = trainOft
+                    ? new OftSpec(chunk, 7, r.GetValue(proprio) ? 8 : 0, r.GetValue(imageKeys)?.Split(',', StringSplitOptions.RemoveEmptyEntries).Length ?? 1,
+                        false, BoundsNormalization.Q99, "(planned)", null, null, "dry run")
+                    : null;
+                var budget = MemoryPlanner.Plan(config, options, elementBytes, r.GetValue(promptTokens), training.Quantization(r), plannedOft);
                 string mode = options.Full ? "full training" : $"LoRA r={options.Lora.Rank} alpha={options.Lora.Alpha} {string.Join(",", options.Lora.TargetModules)}";
+                if (plannedOft is not null) mode += $", OFT chunks of {chunk}, {plannedOft.NumImages} camera(s){(plannedOft.ProprioDim > 0 ? ", 8-D proprio" : "")}";
                 if (training.Quantization(r).Mode != QuantMode.None) mode += ", int8 base";
                 PrintPlan(budget, $"memory plan: {what}, {mode}, {MemoryPlanner.Precision(elementBytes)} weights, batch {options.BatchSize}, " +
                                 $"gradient checkpointing {(options.GradientCheckpointing ? "on" : "off")}", r.GetValue(json));
@@ -269,7 +275,7 @@ internal static class FineTuneVerbs
                 trainer.Resume(latest, source);
                 Console.Error.WriteLine($"finetune: resumed from {latest} at step {trainer.Step}");
             }
-            var plan = MemoryPlanner.Plan(checkpoint.Config, options, elementBytes, quantization: training.Quantization(r));
+            var plan = MemoryPlanner.Plan(checkpoint.Config, options, elementBytes, quantization: training.Quantization(r), oft: spec);
             if (spec is not null)
                 Console.Error.WriteLine($"finetune: OpenVLA-OFT, chunks of {spec.ActionChunk}×{spec.ActionDim}, {spec.NumImages} camera(s), " +
                                         $"{(spec.ProprioDim > 0 ? $"{spec.ProprioDim}-D proprio" : "no proprio")}, L1 loss; {(baseOft is null ? "new head" : "the base's head")}");
@@ -285,7 +291,7 @@ internal static class FineTuneVerbs
                     if (heldOutExamples.Count == 0) return;
                     lastEval = trainer.Evaluate(heldOutExamples);
                     trainer.Metrics.Append(lastEval);
-                    progress.Note($"eval @ step {lastEval.Step}: loss {lastEval.Loss:0.0000} action accuracy {lastEval.ActionAccuracy:0.000} L1 {lastEval.L1:0.0000}"
+                    progress.Note($"eval @ step {lastEval.Step}: loss {lastEval.Loss:0.0000}" + (double.IsFinite(lastEval.ActionAccuracy) ? $" action accuracy {lastEval.ActionAccuracy:0.000}" : "") + $" L1 {lastEval.L1:0.0000}"
                         + (double.IsFinite(lastEval.VisionGain) ? $" vision gain {lastEval.VisionGain:0.0000}" : "")
                         + (double.IsFinite(lastEval.AuxLoss) ? $" aux {lastEval.AuxLoss:0.0000}" : "") + $" ({heldOutExamples.Count} held-out examples)");
                 }

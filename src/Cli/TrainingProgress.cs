@@ -17,7 +17,7 @@ internal sealed class TrainingProgress(long totalSteps, int everySteps) : IDispo
         int filled = (int)Math.Round(20 * Math.Clamp(fraction, 0, 1));
         double etaSeconds = m.SamplesPerSecond > 0 ? m.ElapsedSeconds / Math.Max(fraction, 1e-9) * (1 - fraction) : 0;
         string line = $"step {m.Step}/{totalSteps} [{new string('#', filled).PadRight(20, '.')}] loss {m.Loss:0.0000} " +
-                      $"acc {m.ActionAccuracy:0.000} L1 {m.L1:0.0000}" + (double.IsFinite(m.AuxLoss) ? $" aux {m.AuxLoss:0.0000}" : "") +
+                      (double.IsFinite(m.ActionAccuracy) ? $"acc {m.ActionAccuracy:0.000} " : "") + $"L1 {m.L1:0.0000}" + (double.IsFinite(m.AuxLoss) ? $" aux {m.AuxLoss:0.0000}" : "") +
                       $" lr {m.LearningRate:0.##e+0} | {m.SamplesPerSecond:0.0} samples/s | " +
                       $"ETA {Format(etaSeconds)}";
         if (_tty)

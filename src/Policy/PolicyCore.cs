@@ -110,4 +110,14 @@ public sealed class PolicyCore(VlaCheckpoint checkpoint, VlaTokenizer tokenizer,
         var actions = normalized.Select(n => ActionNormalizer.Unnormalize(n.Select(v => (double)v).ToArray(), checkpoint.NormStats[key], spec.Normalization, 1e-8)).ToArray();
         return new ActionPrediction(actions, normalized, [], prompt, key, timings);
     }
+
+    /// <summary>OpenVLA-OFT's discrete variant: chunk·A token ids → bin centres (vocab − id, clipped, as
+    /// _regression_or_discrete_prediction does) → the prediction, un-normalized as <see cref="FromChunk"/>.</summary>
+    public ActionPrediction FromChunkTokens(int[] tokens, int[] prompt, string key, StageTimings timings)
+    {
+        var spec = oft ?? throw new InvalidOperationException("a token chunk needs an OpenVLA-OFT model");
+        var normalized = Enumerable.Range(0, spec.ActionChunk)
+            .Select(k => Enumerable.Range(0, spec.ActionDim).Select(d => (float)ActionTokenizer.Decode(tokens[k * spec.ActionDim + d])).ToArray()).ToArray();
+        return FromChunk(normalized, prompt, key, timings) with { ActionTokenIds = tokens };
+    }
 }

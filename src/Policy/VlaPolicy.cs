@@ -122,7 +122,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             ChunkLength = _oft?.ActionChunk ?? 1,
             ProprioDim = _oft?.ProprioDim ?? 0,
             CameraNames = CameraNames(_oft?.NumImages ?? 1),
-            ActionHead = _oft is null ? "autoregressive-tokens" : "parallel-l1",
+            ActionHead = _oft is null ? "autoregressive-tokens" : _oft.DiscreteTokens ? "parallel-tokens" : "parallel-l1",
         };
         if (_oft is { ProprioDim: > 0 })
             foreach (var key in checkpoint.NormStats.Keys)
@@ -248,16 +248,19 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
                 return results;
             }
             cancellationToken.ThrowIfCancellationRequested();
-            var (chunks, timing) = PredictChunks(pixels, batch);
+            var (chunks, chunkTokens, timing) = PredictChunks(pixels, batch);
             var oftTimings = new StageTimings(preprocessMs, timing.VisionMs, timing.LanguageMs, timing.HeadMs, total.Elapsed.TotalMilliseconds);
-            for (int b = 0; b < results.Length; b++) results[b] = Core.FromChunk(chunks[b], batch.Prompts[b], batch.Keys[b], oftTimings);
+            for (int b = 0; b < results.Length; b++)
+                results[b] = chunkTokens is null ? Core.FromChunk(chunks![b], batch.Prompts[b], batch.Keys[b], oftTimings)
+                    : Core.FromChunkTokens(chunkTokens[b], batch.Prompts[b], batch.Keys[b], oftTimings);
             return results;
         }
     }
 
     /// <summary>OpenVLA-OFT: the batch's parallel ids (<see cref="PolicyCore.ParallelLayout"/>) through
-    /// <see cref="OpenVlaModel.PredictChunk"/>. Returns the normalized chunks [B][chunk][A].</summary>
-    (float[][][] Chunks, (double VisionMs, double LanguageMs, double HeadMs) Timing) PredictChunks(Tensor pixels, PreparedBatch batch)
+    /// <see cref="OpenVlaModel.PredictChunk"/>. Returns the normalized chunks [B][chunk][A], or for the discrete variant
+    /// each row's chunk·A token ids (the argmax of lm_head at the chunk's positions).</summary>
+    (float[][][]? Chunks, int[][]? Tokens, (double VisionMs, double LanguageMs, double HeadMs) Timing) PredictChunks(Tensor pixels, PreparedBatch batch)
     {
         var oft = _oft!;
         var layout = Core.ParallelLayout(batch.Prompts);
@@ -271,9 +274,17 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         }
         using var proprio = batch.Proprio is null ? null : tensor(batch.Proprio.SelectMany(p => p).ToArray(), [batch.Size, batch.Proprio[0].Length], device: Device);
         long[] shape = [batch.Size, layout.Length];
-        var chunk = Model.PredictChunk(pixels, tensor(layout.Ids, shape, device: Device), tensor(layout.Placeholder, shape, device: Device),
+        var hidden = Model.ChunkHiddenStates(pixels, tensor(layout.Ids, shape, device: Device), tensor(layout.Placeholder, shape, device: Device),
             tensor(layout.Valid, shape, device: Device), batch.Prompts.Select(p => p.Length).ToArray(), proprio, stageDone: StageDone);
-        var values = chunk.to(ScalarType.Float32).cpu().data<float>().ToArray();
+        if (oft.DiscreteTokens)
+        {
+            var ids = Model.language_model.Logits(hidden).argmax(-1).cpu().data<long>().ToArray();
+            double tokenMs = Lap(sw);
+            int per = oft.ActionChunk * oft.ActionDim;
+            var tokens = Enumerable.Range(0, batch.Size).Select(b => ids.AsSpan(b * per, per).ToArray().Select(t => (int)t).ToArray()).ToArray();
+            return (null, tokens, (visionMs, languageMs, tokenMs));
+        }
+        var values = Model.action_head!.forward(hidden).to(ScalarType.Float32).cpu().data<float>().ToArray();
         double headMs = Lap(sw);
         var result = new float[batch.Size][][];
         for (int b = 0; b < batch.Size; b++)
@@ -282,7 +293,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
             for (int k = 0; k < oft.ActionChunk; k++)
                 result[b][k] = values.AsSpan((b * oft.ActionChunk + k) * oft.ActionDim, oft.ActionDim).ToArray();
         }
-        return (result, (visionMs, languageMs, headMs));
+        return (result, null, (visionMs, languageMs, headMs));
     }
 
     /// <summary>Prefill [BOS, image tokens, prompt…] for every row (left-padded to a common length), then decoding of one

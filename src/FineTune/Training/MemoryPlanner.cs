@@ -50,8 +50,10 @@ public static class MemoryPlanner
 {
     /// <param name="promptTokens">Prompt length in tokens (BOS … "▁"); the reference prompt with a short instruction is ~25–35.</param>
     /// <param name="quantization">A weight-only quantized base (int8: one byte per weight plus a bf16 scale per row).</param>
+    /// <param name="oft">OpenVLA-OFT: every camera through the towers, the sequence [BOS, patches of every camera, proprio,
+    /// prompt, chunk·A placeholders, stop] attended in full, the head and projector trained in full beside LoRA.</param>
     public static MemoryPlan Plan(VlaConfig config, TrainerOptions options, int weightBytesPerElement, int promptTokens = 32,
-        QuantizationOptions? quantization = null)
+        QuantizationOptions? quantization = null, OftSpec? oft = null)
     {
         int s = weightBytesPerElement;
         var quant = quantization ?? QuantizationOptions.None;
@@ -85,17 +87,30 @@ public static class MemoryPlanner
             new($"weights ({(quant.Mode == QuantMode.None ? Precision(s) : quant.Name + " base")})", Bytes(""),
                 $"vision {Gb(Bytes("vision_backbone."))}, projector {Gb(Bytes("projector."))}, language model {Gb(Bytes("language_model."))}; {all / 1e6:0.#} M params"),
         };
+        // OFT head (MLP-ResNet: fc1 from A·H, two H×H blocks, fc2; LayerNorms) and proprio projector, always trained in full.
+        long oftParams = 0;
+        if (oft is not null)
+        {
+            long hd = config.Text.HiddenSize, a = oft.ActionDim;
+            oftParams = (a * hd * hd + hd) + 2 * (hd * hd + hd) + (hd * a + a) + 2 * a * hd + 6 * hd
+                + (oft.ProprioDim > 0 ? oft.ProprioDim * hd + hd + hd * hd + hd : 0);
+            resident.Add(new($"OFT head + proprio projector ({Precision(s)})", oftParams * s, $"{oftParams / 1e6:0.##} M params"));
+            if (!options.Full)
+            {
+                resident.Add(new("their gradients and AdamW moments", oftParams * (s + 8) + (s != 4 ? oftParams * 4 : 0), "trained in full beside the adapters"));
+            }
+        }
         long trainable;
         if (options.Full)
         {
-            trainable = all;
-            resident.Add(new($"gradients ({Precision(s)})", all * s, "every parameter"));
-            resident.Add(new("AdamW moments (f32)", all * 8, "exp_avg + exp_avg_sq"));
-            if (s != 4) resident.Add(new("f32 master weights", all * 4, "the update runs on float32 copies of the bf16 weights"));
+            trainable = all + oftParams;
+            resident.Add(new($"gradients ({Precision(s)})", trainable * s, "every parameter"));
+            resident.Add(new("AdamW moments (f32)", trainable * 8, "exp_avg + exp_avg_sq"));
+            if (s != 4) resident.Add(new("f32 master weights", trainable * 4, "the update runs on float32 copies of the bf16 weights"));
         }
         else
         {
-            trainable = loraParams;
+            trainable = loraParams + oftParams;
             resident.Add(new("LoRA adapters (f32)", loraParams * 4, $"{adapted.Count} layers, rank {r}, {loraParams / 1e6:0.##} M params ({100.0 * loraParams / all:0.##}% of the model)"));
             resident.Add(new("LoRA gradients (f32)", loraParams * 4, ""));
             resident.Add(new("AdamW moments (f32)", loraParams * 8, "exp_avg + exp_avg_sq"));
@@ -104,7 +119,8 @@ public static class MemoryPlanner
         // Activations per sample.
         var vit = config.VisionTowers;
         long p = config.NumPatches, h = config.Text.HiddenSize, m = config.Text.IntermediateSize, v = config.VisionDim;
-        long seq = p + promptTokens + 8;
+        int cameras = oft?.NumImages ?? 1;
+        long seq = oft is null ? p + promptTokens + 8 : cameras * p + (oft.ProprioDim > 0 ? 1 : 0) + promptTokens + (long)oft.ActionChunk * oft.ActionDim + 1;
         long LoraExtra(string prefix, long tokens) => adapted.Where(l => l.Path.StartsWith(prefix))
             .Sum(l => (s == 4 ? 0 : 4 * tokens * l.In) + 4 * tokens * r + (options.Lora.Dropout > 0 ? 4 * tokens * l.In : 0));
         long perSample = 0, checkpointed = 0, workspace = 0;
@@ -114,18 +130,18 @@ public static class MemoryPlanner
             var c = vit[t];
             long n = c.NumPatches + c.NumPrefixTokens, d = c.EmbedDim, mh = c.MlpHiddenDim;
             int blocks = c.FeatureBlockIndex + 1;
-            long block = s * (9 * n * d + 2 * n * mh + (long)c.NumHeads * n * n);
+            long block = cameras * s * (9 * n * d + 2 * n * mh + (long)c.NumHeads * n * n);
             for (int b = 0; b < blocks; b++)
             {
-                long withLora = block + LoraExtra($"{towers[t]}blocks.{b}.", n);
+                long withLora = block + LoraExtra($"{towers[t]}blocks.{b}.", cameras * n);
                 perSample += withLora;
-                checkpointed += s * n * d;
+                checkpointed += cameras * s * n * d;
                 workspace = Math.Max(workspace, withLora);
             }
-            perSample += s * 3 * n * d; // patch embedding, position add, prefix concat
-            checkpointed += s * 3 * n * d;
+            perSample += cameras * s * 3 * n * d; // patch embedding, position add, prefix concat
+            checkpointed += cameras * s * 3 * n * d;
         }
-        long proj = s * p * (9 * v + 3 * h) + LoraExtra("projector.", p);
+        long proj = cameras * s * p * (9 * v + 3 * h) + LoraExtra("projector.", cameras * p);
         perSample += proj;
         checkpointed += proj;
         long layer = s * (10 * seq * h + 4 * seq * m + (long)config.Text.NumAttentionHeads * seq * seq);
@@ -137,7 +153,9 @@ public static class MemoryPlanner
             workspace = Math.Max(workspace, withLora);
         }
         long embed = s * 3 * seq * h;                      // token embeddings, the concatenated input, final norm
-        long head = 8 * (4L * config.Text.VocabSize + s * h); // 8 target positions through lm_head, f32 logits for the loss
+        long head = oft is null
+            ? 8 * (4L * config.Text.VocabSize + s * h)        // 8 target positions through lm_head, f32 logits for the loss
+            : (long)oft.ActionChunk * s * (3 * oft.ActionDim * h + 12 * h) + 8L * oft.ActionChunk * oft.ActionDim;   // MLP-ResNet per chunk step, f32 L1
         perSample += embed + head;
         checkpointed += embed + head;
         return new MemoryPlan(resident, perSample, checkpointed, workspace, options.BatchSize, options.GradientCheckpointing, seq, trainable);

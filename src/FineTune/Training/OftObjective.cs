@@ -39,6 +39,7 @@ public sealed class OftObjective(PolicyCore core, VlaTokenizer tokenizer, ImageP
 
     public static OftObjective ForCheckpoint(VlaCheckpoint checkpoint, VlaTokenizer tokenizer, OftSpec spec)
     {
+        if (spec.DiscreteTokens) throw new ArgumentException("training the discrete-token OFT variant is not supported (train an L1 head with --oft)");
         var preprocessor = ImagePreprocessor.ForCheckpoint(checkpoint);
         return new OftObjective(new PolicyCore(checkpoint, tokenizer, preprocessor, spec), tokenizer, preprocessor, spec);
     }

@@ -22,6 +22,11 @@ public sealed record OftSpec(
     int ActionChunk, int ActionDim, int ProprioDim, int NumImages, bool UseFilm, BoundsNormalization Normalization,
     string ActionHeadFile, string? ProprioProjectorFile, string? VisionBackboneFile, string ConstantsSource)
 {
+    /// <summary>The variant without an action head (modeling_prismatic _regression_or_discrete_prediction with
+    /// action_head None): the language model's own logits at the chunk's positions, argmax, OpenVLA's bins. Stated by our
+    /// config.json block as <c>"action_head": "discrete"</c>; the weights cannot say it.</summary>
+    public bool DiscreteTokens { get; init; }
+
     /// <summary>The reference's platform constants (prismatic/vla/constants.py) and the camera count of its evaluation
     /// configs (experiments/robot/libero: 2, aloha: 3; Bridge runs one camera).</summary>
     public static readonly IReadOnlyDictionary<string, (int Chunk, int ActionDim, int ProprioDim, BoundsNormalization Norm, int Images)> Platforms =
@@ -146,9 +151,17 @@ public sealed record OftSpec(
     }
 
     /// <summary>The extension block our tools write into config.json.</summary>
-    public JsonObject ToJson() => new()
+    public JsonObject ToJson()
     {
-        ["action_chunk"] = ActionChunk, ["action_dim"] = ActionDim, ["proprio_dim"] = ProprioDim, ["num_images"] = NumImages,
-        ["use_film"] = UseFilm, ["normalization"] = Normalization == BoundsNormalization.Q99 ? "bounds_q99" : "bounds",
-    };
+        var o = new JsonObject
+        {
+            ["action_chunk"] = ActionChunk, ["action_dim"] = ActionDim, ["proprio_dim"] = ProprioDim, ["num_images"] = NumImages,
+            ["use_film"] = UseFilm, ["normalization"] = Normalization == BoundsNormalization.Q99 ? "bounds_q99" : "bounds",
+        };
+        if (DiscreteTokens) o["action_head"] = "discrete";
+        return o;
+    }
+
+    /// <summary>Whether config.json's block asks for the discrete-token variant (no head file).</summary>
+    public static bool StatesDiscrete(VlaConfig config) => (config.Raw["oft"] as JsonObject)?["action_head"]?.GetValue<string>() == "discrete";
 }

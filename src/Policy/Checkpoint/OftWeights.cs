@@ -30,16 +30,33 @@ public sealed class OftWeights
                 throw new PolicyInputException($"{dir} is a plain OpenVLA checkpoint (no action_head--*_checkpoint.pt); --action-chunk and --num-images apply to OpenVLA-OFT checkpoints");
             return null;
         }
-        var headFile = OftSpec.FindComponent(dir, "action_head")
-            ?? throw new CheckpointException($"{dir}: config.json has an \"oft\" block but there is no action_head--<step>_checkpoint.pt");
+        var headFile = OftSpec.FindComponent(dir, "action_head");
+        bool discrete = OftSpec.StatesDiscrete(config);
+        if (headFile is null && !discrete)
+            throw new CheckpointException($"{dir}: config.json has an \"oft\" block but there is no action_head--<step>_checkpoint.pt");
+        if (headFile is not null && discrete)
+            throw new CheckpointException($"{dir}: config.json states oft.action_head \"discrete\" but {Path.GetFileName(headFile)} is an L1 head");
         var proprioFile = OftSpec.FindComponent(dir, "proprio_projector");
         var visionFile = OftSpec.FindComponent(dir, "vision_backbone");
         if (OftSpec.FindComponent(dir, "noisy_action_projector") is string diffusion)
             throw new CheckpointException($"{dir}: {Path.GetFileName(diffusion)} belongs to a diffusion action head, which this runtime does not run (L1-regression heads only)");
 
-        var head = TorchStateDict.StripPrefix(TorchStateDict.Load(headFile), "module.");
-        var fc1 = Require(head, "model.fc1.weight", headFile);
-        var fc2 = Require(head, "model.fc2.weight", headFile);
+        Dictionary<string, TorchTensor> head = [];
+        long[] fc1Shape, fc2Shape;
+        int llm = config.Text.HiddenSize;
+        if (headFile is not null)
+        {
+            head = TorchStateDict.StripPrefix(TorchStateDict.Load(headFile), "module.");
+            fc1Shape = Require(head, "model.fc1.weight", headFile).Shape;
+            fc2Shape = Require(head, "model.fc2.weight", headFile).Shape;
+        }
+        else
+        {
+            // The discrete variant has no head: the action dimension comes from the block (no weights state it).
+            int a = (config.Raw["oft"] as System.Text.Json.Nodes.JsonObject)?["action_dim"]?.GetValue<int>()
+                ?? throw new CheckpointException($"{dir}/config.json: the discrete variant needs oft.action_dim");
+            (fc1Shape, fc2Shape) = ([llm, (long)llm * a], [a, llm]);
+        }
         Dictionary<string, TorchTensor>? proprio = null;
         int? proprioInput = null;
         if (proprioFile is not null)
@@ -56,7 +73,8 @@ public sealed class OftWeights
             vision = FoldFilmBackbone(TorchStateDict.StripPrefix(TorchStateDict.Load(visionFile), "module."), visionFile);
             film = vision.Keys.Any(k => k.Contains(".scale.", StringComparison.Ordinal));
         }
-        var spec = OftSpec.Resolve(dir, config, statisticsKeys, overrides, headFile, fc2.Shape, fc1.Shape, proprioInput, proprioFile, visionFile, film);
+        var spec = OftSpec.Resolve(dir, config, statisticsKeys, overrides, headFile ?? "(discrete: no head file)", fc2Shape, fc1Shape, proprioInput, proprioFile, visionFile, film)
+            with { DiscreteTokens = discrete };
         return new OftWeights { Spec = spec, ActionHead = head, ProprioProjector = proprio, VisionBackbone = film ? vision : null };
     }
 

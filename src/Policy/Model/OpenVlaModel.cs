@@ -36,7 +36,7 @@ public sealed class OpenVlaModel : nn.Module
         language_model = new LlamaForCausalLM(config.Text, precision);
         if (oft is not null)
         {
-            action_head = new L1RegressionActionHead(llm, oft.ActionDim, precision);
+            if (!oft.DiscreteTokens) action_head = new L1RegressionActionHead(llm, oft.ActionDim, precision);
             if (oft.ProprioDim > 0) proprio_projector = new ProprioProjector(oft.ProprioDim, llm, precision);
         }
         RegisterComponents();
@@ -99,6 +99,16 @@ public sealed class OpenVlaModel : nn.Module
     public Tensor PredictChunk(Tensor pixelValues, Tensor ids, Tensor placeholder, Tensor valid, int[] promptLengths, Tensor? proprio,
         Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null, Action<string>? stageDone = null)
     {
+        if (action_head is null) throw new InvalidOperationException("this OFT model decodes tokens (no L1 head); use ChunkHiddenStates and the lm_head");
+        using var scope = NewDisposeScope();
+        return action_head.forward(ChunkHiddenStates(pixelValues, ids, placeholder, valid, promptLengths, proprio, layerRunner, stageDone)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The final hidden states that the chunk's action_dim·chunk values are read from [B, chunk·A, H] (see
+    /// <see cref="PredictChunk"/>): an L1 head reads them, the discrete variant projects them through lm_head.</summary>
+    public Tensor ChunkHiddenStates(Tensor pixelValues, Tensor ids, Tensor placeholder, Tensor valid, int[] promptLengths, Tensor? proprio,
+        Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? layerRunner = null, Action<string>? stageDone = null)
+    {
         var oft = Oft ?? throw new InvalidOperationException("parallel decoding needs an OpenVLA-OFT model");
         using var scope = NewDisposeScope();
         var lm = language_model;
@@ -122,6 +132,6 @@ public sealed class OpenVlaModel : nn.Module
         var index = (start + arange(positions, device: hidden.device).view(1, positions)).unsqueeze(-1).expand(b, positions, hidden.shape[2]);
         var actionHidden = hidden.gather(1, index);                                     // [B, chunk·A, H]
         stageDone?.Invoke("language");
-        return action_head!.forward(actionHidden).MoveToOuterDisposeScope();
+        return actionHidden.MoveToOuterDisposeScope();
     }
 }

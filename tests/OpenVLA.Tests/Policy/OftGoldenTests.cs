@@ -117,4 +117,33 @@ public class OftGoldenTests
         Assert.All(p.Actions.SelectMany(a => a), v => Assert.True(float.IsFinite(v)));
         policy.Dispose();
     }
+
+    [Fact]
+    public void TheDiscreteTokenVariantReadsTheLanguageModelsOwnLogits()
+    {
+        // The same checkpoint without its L1 head, config.json saying so: modeling_prismatic's action_head=None path.
+        using var tmp = new TestPaths.TempDir();
+        var source = TestPaths.Fixture("oft-golden", "checkpoint");
+        foreach (var f in Directory.GetFiles(source).Where(f => !Path.GetFileName(f).StartsWith("action_head--"))) File.Copy(f, tmp[Path.GetFileName(f)]);
+        var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(tmp["config.json"]))!;
+        config["oft"]!["action_head"] = "discrete";
+        File.WriteAllText(tmp["config.json"], config.ToJsonString());
+        using var policy = VlaPolicy.Load(tmp.Path);
+        Assert.Equal("parallel-tokens", policy.Description.ActionHead);
+
+        using var doc = JsonDocument.Parse(File.ReadAllText(TestPaths.Fixture("oft-golden", "expected.json")));
+        var expected = doc.RootElement.GetProperty("cases").EnumerateArray().ToList();
+        var cases = Cases();
+        for (int i = 0; i < cases.Count; i++)
+        {
+            var e = expected[i].GetProperty("checkpoint").GetProperty("parallel_discrete");
+            // Every argmax here wins by at least 2.5e-3 in float64, far above float32's error.
+            Assert.True(e.GetProperty("margins").EnumerateArray().All(m => m.GetDouble() > 1e-3));
+            var p = policy.Predict(Observation(cases[i]));
+            Assert.Equal(e.GetProperty("token_ids").EnumerateArray().Select(t => t.GetInt32()), p.ActionTokenIds);
+            var actions = e.GetProperty("actions").EnumerateArray().Select(r => r.EnumerateArray().Select(v => v.GetDouble()).ToArray()).ToArray();
+            for (int k = 0; k < 4; k++)
+                for (int d = 0; d < 7; d++) Assert.Equal(actions[k][d], p.Actions[k][d], 1e-5);
+        }
+    }
 }

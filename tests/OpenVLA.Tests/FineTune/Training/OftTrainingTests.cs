@@ -125,4 +125,22 @@ public class OftTrainingTests
         Assert.Equal(2, noOft.ExitCode);
         Assert.Contains("add --oft", noOft.Stderr);
     }
+
+    [Fact]
+    public void The_dry_run_plans_an_oft_run()
+    {
+        JsonNode Plan(params string[] extra)
+        {
+            var r = CliRunner.Run(["finetune", "--dry-run", "--preset", "openvla-7b", "--batch-size", "2", "--grad-checkpointing", "--json", .. extra]);
+            Assert.True(r.ExitCode == 0, r.Stderr);
+            return JsonNode.Parse(r.Stdout)!;
+        }
+        var plain = Plan();
+        var oft = Plan("--oft", "--proprio", "--image-keys", "primary,wrist");
+        // Two cameras (512 image tokens), 56 placeholders, the stop and proprio tokens; the head and projector (~168 M params) in full.
+        Assert.Equal(2 * 256 + 1 + 32 + 56 + 1, oft["sequence_length"]!.GetValue<long>());
+        Assert.InRange(oft["trainable_parameters"]!.GetValue<long>() - plain["trainable_parameters"]!.GetValue<long>(), 165_000_000L, 170_000_000L);
+        Assert.True(oft["peak_bytes"]!.GetValue<long>() > plain["peak_bytes"]!.GetValue<long>());
+        Assert.Contains(oft["resident"]!.AsArray(), i => i!["name"]!.GetValue<string>().StartsWith("OFT head"));
+    }
 }
