@@ -47,7 +47,9 @@ public sealed class MetricsLog(string path)
             }
         plot.Title("OpenVLA fine-tuning");
         plot.XLabel("optimizer step");
-        plot.YLabel("cross-entropy loss");
+        // An OFT run's loss is the L1 of normalized chunks and it has no token accuracy.
+        bool tokens = entries.Any(e => e["action_accuracy"] is not null);
+        plot.YLabel(tokens ? "cross-entropy loss" : "L1 loss (normalized actions)");
         plot.Axes.Right.Label.Text = "accuracy / L1";
         plot.ShowLegend();
         var tmp = pngPath + ".tmp.png";
