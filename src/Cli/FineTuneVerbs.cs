@@ -22,6 +22,7 @@ internal static class FineTuneVerbs
     internal sealed class TrainingOptions
     {
         public Option<bool> Full { get; } = new("--full") { Description = "train every parameter instead of LoRA adapters (from-scratch training of small models)" };
+        public Option<bool> FreezeVision { get; } = new("--freeze-vision") { Description = "keep both vision towers frozen (no adapters or updates there, no backward through them)" };
         public Option<string> TargetModules { get; } = new("--target-modules") { Description = "LoRA targets: all-linear, or comma-separated module names/paths (q_proj,v_proj,...)", DefaultValueFactory = _ => PeftAdapter.AllLinear };
         public Option<int> Rank { get; } = new("--lora-rank") { Description = "LoRA rank r", DefaultValueFactory = _ => 32 };
         public Option<double?> Alpha { get; } = new("--lora-alpha") { Description = "LoRA alpha (default min(r, 16), as finetune.py)" };
@@ -43,7 +44,7 @@ internal static class FineTuneVerbs
 
         public void AddTo(Command command)
         {
-            foreach (var o in new Option[] { Full, TargetModules, Rank, Alpha, Dropout, LearningRate, WeightDecay, Schedule, Warmup, MaxSteps,
+            foreach (var o in new Option[] { Full, FreezeVision, TargetModules, Rank, Alpha, Dropout, LearningRate, WeightDecay, Schedule, Warmup, MaxSteps,
                          BatchSize, Accumulation, MaxGradNorm, Checkpointing, Seed, DType, Quantize, Device, Threads })
                 command.Options.Add(o);
         }
@@ -54,7 +55,7 @@ internal static class FineTuneVerbs
             var targets = r.GetValue(TargetModules)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
             var options = new TrainerOptions
             {
-                Full = r.GetValue(Full),
+                Full = r.GetValue(Full), FreezeVision = r.GetValue(FreezeVision),
                 Lora = new LoraSettings(rank, r.GetValue(Alpha) ?? LoraSettings.DefaultAlpha(rank), r.GetValue(Dropout), targets),
                 Optimizer = new AdamW.Settings(LearningRate: r.GetValue(LearningRate), WeightDecay: r.GetValue(WeightDecay)),
                 Schedule = r.GetValue(Schedule)!,

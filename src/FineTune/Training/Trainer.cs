@@ -112,8 +112,11 @@ public sealed class Trainer : IDisposable
             foreach (var component in new nn.Module?[] { model.action_head, model.proprio_projector })
                 if (component is not null) foreach (var p in component.parameters()) p.requires_grad = true;
         }
+        if (options.FreezeVision)
+            foreach (var (name, p) in model.vision_backbone.named_parameters())
+                if (!name.Contains(".scale.") && !name.Contains(".shift.")) p.requires_grad = false;   // FiLM layers would still train
         model.train();
-        GradientCheckpointing.SetVision(model, options.GradientCheckpointing, _generator);
+        GradientCheckpointing.SetVision(model, options.GradientCheckpointing && !options.FreezeVision, _generator);
         var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter)).ToList();
         if (options.AuxWeight > 0)
         {
@@ -366,7 +369,7 @@ public sealed class Trainer : IDisposable
             // gradients are bit-identical), and the step budget unless a cosine schedule depends on it.
             if (key is "save_steps" or "eval_steps" or "eval_examples" or "keep_checkpoints" or "merge" or "gradient_checkpointing"
                 || key == "max_steps" && Options.Schedule == "constant") continue;
-            var was = saved[key] ?? (AddedOptions.TryGetValue(key, out var old) ? JsonValue.Create(old) : null);
+            var was = saved[key] ?? (AddedOptions.TryGetValue(key, out var old) ? old.DeepClone() : null);
             if (!JsonNode.DeepEquals(was, value))
                 throw new PolicyInputException($"cannot resume from {checkpointDir}: option {key} was {was?.ToJsonString() ?? "unset"}, now {value?.ToJsonString() ?? "unset"}");
         }
@@ -410,7 +413,7 @@ public sealed class Trainer : IDisposable
     }
 
     /// <summary>Options added after runs were saved without them, with the value those runs trained with.</summary>
-    static readonly Dictionary<string, double> AddedOptions = new() { ["aux_weight"] = 0 };
+    static readonly Dictionary<string, JsonNode> AddedOptions = new() { ["aux_weight"] = 0.0, ["freeze_vision"] = false };
 
     static JsonObject OptionsJson(TrainerOptions o) => new()
     {
@@ -437,6 +440,7 @@ public sealed class Trainer : IDisposable
         ["merge"] = o.Merge,
         ["keep_checkpoints"] = o.KeepCheckpoints,
         ["aux_weight"] = o.AuxWeight,
+        ["freeze_vision"] = o.FreezeVision,
     };
 
     public void Dispose()

@@ -10,6 +10,9 @@ public sealed record TrainerOptions
 {
     /// <summary>Train every parameter (from-scratch training of small models) instead of LoRA adapters.</summary>
     public bool Full { get; init; }
+    /// <summary>The vision towers stay as loaded: no adapters on them (LoRA), no updates (full), so no backward runs
+    /// through them. The projector and everything after it train.</summary>
+    public bool FreezeVision { get; init; }
     public LoraSettings Lora { get; init; } = LoraSettings.Reference;
     public AdamW.Settings Optimizer { get; init; } = new();
     /// <summary>"constant" (finetune.py) or "cosine".</summary>

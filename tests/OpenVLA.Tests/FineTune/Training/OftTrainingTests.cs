@@ -143,4 +143,26 @@ public class OftTrainingTests
         Assert.True(oft["peak_bytes"]!.GetValue<long>() > plain["peak_bytes"]!.GetValue<long>());
         Assert.Contains(oft["resident"]!.AsArray(), i => i!["name"]!.GetValue<string>().StartsWith("OFT head"));
     }
+
+    [Fact]
+    public void Freeze_vision_keeps_the_towers_as_loaded()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp["base"], "tiny", 3, torch.ScalarType.Float32);
+        TestDatasets.WriteLeRobot(tmp["data"], [9, 9, 9, 9, 9, 9], wrist: true);
+        var run = CliRunner.Run([.. Common(tmp, tmp["data"], "run"), "--max-steps", "3", "--freeze-vision"]);
+        Assert.True(run.ExitCode == 0, run.Stderr);
+        string model = Path.Combine(JsonNode.Parse(run.Stdout)!["checkpoint"]!.GetValue<string>(), "model");
+        using var before = SafetensorsFile.Open(Path.Combine(tmp["base"], "model.safetensors"));
+        using var after = SafetensorsFile.Open(Path.Combine(model, "model.safetensors"));
+        foreach (var name in new[] { "vision_backbone.featurizer.blocks.0.attn.qkv.weight", "vision_backbone.fused_featurizer.patch_embed.proj.weight" })
+        {
+            using var a = before.Load(name);
+            using var b = after.Load(name);
+            Assert.True(a.eq(b).all().item<bool>(), $"{name} changed");
+        }
+        using var p0 = before.Load("projector.fc1.weight");
+        using var p1 = after.Load("projector.fc1.weight");
+        Assert.False(p0.eq(p1).all().item<bool>(), "the projector should train");
+    }
 }
