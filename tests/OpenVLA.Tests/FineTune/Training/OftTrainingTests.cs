@@ -121,6 +121,16 @@ public class OftTrainingTests
         string model = Path.Combine(JsonNode.Parse(run.Stdout)!["checkpoint"]!.GetValue<string>(), "model");
         Assert.True(File.Exists(Path.Combine(model, "action_head--latest_checkpoint.pt")));   // LoRA runs write the merged model
 
+        // A LoRA run resumes exactly too: the adapters from adapter/, the head and projector from the step's .pt files.
+        string[] Split(string run, int steps) =>
+            [.. args.Select((a, i) => a == tmp["run"] ? tmp[run] : i > 0 && args[i - 1] == "--max-steps" ? steps.ToString() : a)];
+        Assert.Equal(0, CliRunner.Run(Split("half", 2)).ExitCode);
+        var resumed = CliRunner.Run([.. Split("half", 4), "--resume"]);
+        Assert.True(resumed.ExitCode == 0, resumed.Stderr);
+        static IEnumerable<double> Losses(string dir) => File.ReadAllLines(Path.Combine(dir, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!)
+            .Where(e => e["split"]!.GetValue<string>() == "train").Select(e => e["loss"]!.GetValue<double>());
+        Assert.Equal(Losses(tmp["run"]), Losses(tmp["half"]));
+
         var noOft = CliRunner.Run(["finetune", "--base", tmp["base"], "--dataset", tmp["rlds"], "--out", tmp["run2"], "--proprio", "--max-steps", "1"]);
         Assert.Equal(2, noOft.ExitCode);
         Assert.Contains("add --oft", noOft.Stderr);
