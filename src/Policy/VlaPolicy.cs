@@ -78,6 +78,8 @@ public sealed record PolicyOptions
 /// <item>parallel L1 regression (OpenVLA-OFT, docs/oft.md): one bidirectional pass over the prompt, placeholders for the
 /// whole chunk and the stop token; an MLP-ResNet reads the chunk from the final hidden states; OFT un-normalization.
 /// Rows are right-padded.</item>
+/// <item>parallel discrete tokens (OpenVLA-OFT without a head file, config.json's oft.action_head "discrete"): the same
+/// pass, lm_head's argmax at the same positions, OpenVLA's bins, OFT un-normalization.</item>
 /// </list>
 /// </summary>
 public sealed class VlaPolicy : IActionPolicy, IDisposable

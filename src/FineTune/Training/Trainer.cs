@@ -148,9 +148,7 @@ public sealed class Trainer : IDisposable
                 using var oftBatch = _oft.Build(examples, _model.Precision.Device, _model.Precision.DType);
                 var (oftLoss, value) = _oft.Forward(_model, oftBatch, LayerRunner());
                 (oftLoss / Options.GradAccumulation).backward();
-                lossSum += value;
-                l1Sum += value;
-                actionTokens += 1;   // the L1 metric is the loss itself: one unit per micro-batch
+                lossSum += value;   // the L1 loss is also the L1 metric (no tokens to count)
                 continue;
             }
             using var batch = _objective.Build(examples, _model.Precision.Device, _model.Precision.DType);
@@ -181,8 +179,9 @@ public sealed class Trainer : IDisposable
         _optimizer.ZeroGrad();
         _clock.Stop();
         double elapsed = _elapsedBefore + _clock.Elapsed.TotalSeconds;
-        return new StepMetrics(_optimizer.Step, "train", lossSum / Options.GradAccumulation,
-            actionTokens == 0 || _oft is not null ? double.NaN : (double)correct / actionTokens, actionTokens == 0 ? double.NaN : l1Sum / actionTokens,
+        double meanLoss = lossSum / Options.GradAccumulation;
+        return new StepMetrics(_optimizer.Step, "train", meanLoss,
+            actionTokens == 0 ? double.NaN : (double)correct / actionTokens, _oft is not null ? meanLoss : actionTokens == 0 ? double.NaN : l1Sum / actionTokens,
             lr, gradNorm, _optimizer.Step * (double)Options.EffectiveBatch / Math.Max(elapsed, 1e-9), elapsed)
         {
             AuxLoss = _aux is null ? double.NaN : auxSum / Options.GradAccumulation,

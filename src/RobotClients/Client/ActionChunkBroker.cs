@@ -1,4 +1,4 @@
-namespace OpenVLA.RobotClients.Client;
+namespace OpenVLA.RobotClients;
 
 /// <summary>
 /// Open-loop execution of action chunks (the idea of openpi's ActionChunkBroker): the policy is asked for a chunk only
@@ -30,7 +30,7 @@ public sealed class ActionChunkBroker
             var chunk = predictChunk();
             if (chunk.Count == 0) throw new InvalidOperationException("the policy returned an empty chunk");
             if (ExecuteSteps is int k && k > chunk.Count)
-                throw new ArgumentException($"--execute-steps {k} is longer than the policy's chunk of {chunk.Count}");
+                throw new OpenVLA.Policy.PolicyInputException($"--execute-steps {k} is longer than the policy's chunk of {chunk.Count}");
             PolicyCalls++;
             foreach (var action in chunk.Take(ExecuteSteps ?? chunk.Count)) _pending.Enqueue(action);
         }

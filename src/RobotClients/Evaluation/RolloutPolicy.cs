@@ -1,5 +1,4 @@
 using OpenVLA.Policy;
-using OpenVLA.RobotClients.Client;
 using OpenVLA.Simulation;
 using OpenVLA.Simulation.Tabletop;
 
