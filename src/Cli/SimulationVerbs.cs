@@ -271,14 +271,15 @@ internal static class SimulationVerbs
 
     private static Command Worker()
     {
-        var kind = new Option<string>("--kind") { Description = "demos | eval", Required = true };
+        var kind = new Option<string>("--kind") { Description = "demos | eval | rollout", Required = true };
         var command = new Command("sim-worker", "Internal: a rollout worker process speaking JSON lines on stdin/stdout.") { kind };
         command.Hidden = true;
         command.SetAction(parse => parse.GetValue(kind) switch
         {
             "demos" => DemoSuite.ServeWorker(),
             "eval" => Evaluator.ServeWorker(),
-            var k => throw new UsageException($"--kind '{k}' is not demos or eval"),
+            "rollout" => SampledRollouts.ServeWorker(),
+            var k => throw new UsageException($"--kind '{k}' is not demos, eval or rollout"),
         });
         return command;
     }

@@ -9,6 +9,7 @@ internal static class Verbs
         PolicyVerbs.Create()
             .Concat(QuantizationVerbs.Create())
             .Concat(FineTuneVerbs.Create())
+            .Concat(PostTrainVerbs.Create())
             .Concat(BenchVerbs.Create())
             .Concat(DataVerbs.Create())
             .Concat(SimulationVerbs.Create())

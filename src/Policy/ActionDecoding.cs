@@ -1,6 +1,8 @@
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace OpenVLA.Policy;
 
@@ -125,6 +127,40 @@ public sealed record ActionDecoding(DecodingMode Mode, double Temperature = 1.0,
             if (GreedyGripper) root[GripperKey] = "greedy";
         }
         File.WriteAllText(path, root.ToJsonString());
+    }
+
+    /// <summary>
+    /// The distribution <see cref="DecodingMode.Sample"/> draws from, as Hugging Face builds it (its TemperatureLogitsWarper,
+    /// TopKLogitsWarper and TopPLogitsWarper, in that order): logits / temperature, then every score below the k-th
+    /// largest set to −∞ (ties kept), then the lowest-probability scores whose cumulative probability stays at or below
+    /// 1 − top_p set to −∞ (the top one always kept). logits: [B, V] float32 → [B, V] float32 scores;
+    /// softmax(scores) is the sampling distribution. The one definition the sampler and post-training's log-probabilities
+    /// share, so a recorded log-probability and its recomputation agree for unchanged weights. Differentiable.
+    /// </summary>
+    public Tensor Warp(Tensor logits)
+    {
+        // Scalars held by using-locals, not converted implicitly inside the calls (see KeptScalars): with implicit ones a
+        // DAgger recording worker died once of "INTERNAL ASSERT FAILED at Scalar.h" in about 200 k sampled tokens.
+        using var temperature = Temperature.ToScalar();
+        using var minusInfinity = double.NegativeInfinity.ToScalar();
+        using var dropBelow = (1.0 - TopP).ToScalar();
+        using var keep = false.ToScalar();
+        var scores = logits.div(temperature);
+        if (TopK > 0 && TopK < scores.shape[^1])
+        {
+            var kth = scores.topk(TopK, -1).values.narrow(-1, TopK - 1, 1);   // [B, 1]
+            scores = scores.masked_fill(scores.lt(kth), minusInfinity);
+        }
+        if (TopP < 1.0)
+        {
+            // Sort ascending; drop the tokens whose cumulative probability stays at or below 1 − top_p, always keeping the top one.
+            var (sorted, order) = scores.sort(-1, descending: false);
+            var cumulative = TorchSharp.torch.nn.functional.softmax(sorted, -1).cumsum(-1);
+            var drop = cumulative.le(dropBelow);
+            drop.narrow(-1, drop.shape[^1] - 1, 1).fill_(keep);
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), minusInfinity);
+        }
+        return scores;
     }
 
     ActionDecoding Validated(string source)

@@ -38,6 +38,12 @@ public sealed record ActionPrediction(
     public float[] NormalizedAction => NormalizedActions[0];
     public int ChunkLength => Actions.Length;
 
+    /// <summary>Sampled decoding: for each of <see cref="ActionTokenIds"/>, the log-probability of drawing it from the
+    /// distribution it was drawn from (the logits after <see cref="ActionDecoding.Warp"/>: temperature, top-k, top-p);
+    /// NaN for a token taken by argmax (the greedy gripper). Null for greedy, expected and continuous decoding.
+    /// Post-training's importance ratios start from these.</summary>
+    public float[]? TokenLogProbs { get; init; }
+
     /// <summary>A chunk of one action (plain OpenVLA).</summary>
     public static ActionPrediction Single(float[] action, float[] normalized, int[] tokenIds, int[] promptIds, string unnormKey, StageTimings timings) =>
         new([action], [normalized], tokenIds, promptIds, unnormKey, timings);

@@ -244,9 +244,10 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
                 SyncDevice();
                 double visionMs = Lap(sw);
                 cancellationToken.ThrowIfCancellationRequested();
-                var (tokens, values, prefillMs, decodeMs) = Generate(patches, batch.Prompts, Core.ActionDim(batch.Keys[0]));
+                var (tokens, values, logProbs, prefillMs, decodeMs) = Generate(patches, batch.Prompts, Core.ActionDim(batch.Keys[0]));
                 var timings = new StageTimings(preprocessMs, visionMs, prefillMs, decodeMs, total.Elapsed.TotalMilliseconds);
-                for (int b = 0; b < results.Length; b++) results[b] = Core.FromTokens(tokens[b], values?[b], batch.Prompts[b], batch.Keys[b], timings);
+                for (int b = 0; b < results.Length; b++)
+                    results[b] = Core.FromTokens(tokens[b], values?[b], batch.Prompts[b], batch.Keys[b], timings) with { TokenLogProbs = logProbs?[b] };
                 return results;
             }
             cancellationToken.ThrowIfCancellationRequested();
@@ -301,7 +302,7 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
     /// <summary>Prefill [BOS, image tokens, prompt…] for every row (left-padded to a common length), then decoding of one
     /// token per action dimension by the policy's <see cref="ActionDecoding"/>. Values is null for greedy (the caller
     /// takes bin centres of the tokens); for expected decoding it holds each dimension's mean over the bin centres.</summary>
-    (int[][] Tokens, double[][]? Values, double PrefillMs, double DecodeMs) Generate(Tensor patches, int[][] prompts, int steps)
+    (int[][] Tokens, double[][]? Values, float[][]? LogProbs, double PrefillMs, double DecodeMs) Generate(Tensor patches, int[][] prompts, int steps)
     {
         var lm = Model.language_model;
         int batch = prompts.Length, numPatches = (int)patches.shape[1];
@@ -324,21 +325,23 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
         var tokens = new int[batch][];
         for (int b = 0; b < batch; b++) tokens[b] = new int[steps];
         double[][]? values = Decoding.Mode == DecodingMode.Expected ? Enumerable.Range(0, batch).Select(_ => new double[steps]).ToArray() : null;
-        var next = Choose(lm.Logits(hidden.narrow(1, maxLen - 1, 1)), tokens, values, 0);   // [B, 1]
+        float[][]? logProbs = Decoding.Mode == DecodingMode.Sample ? Enumerable.Range(0, batch).Select(_ => new float[steps]).ToArray() : null;
+        var next = Choose(lm.Logits(hidden.narrow(1, maxLen - 1, 1)), tokens, values, logProbs, 0);   // [B, 1]
         double prefillMs = Lap(sw);
         for (int s = 1; s < steps; s++)
         {
             using var stepScope = NewDisposeScope();
             var h = lm.Step(lm.Embed(next), cache);
-            next = Choose(lm.Logits(h), tokens, values, s).MoveToOuterDisposeScope();
+            next = Choose(lm.Logits(h), tokens, values, logProbs, s).MoveToOuterDisposeScope();
         }
         double decodeMs = Lap(sw);
-        return (tokens, values, prefillMs, decodeMs);
+        return (tokens, values, logProbs, prefillMs, decodeMs);
     }
 
     /// <summary>The token each row feeds back for action dimension <paramref name="step"/> (recorded in tokens), and for
-    /// expected decoding that dimension's mean normalized value. logits: [B, 1, V'] (V' may include padding ids).</summary>
-    Tensor Choose(Tensor logits, int[][] tokens, double[][]? values, int step)
+    /// expected decoding that dimension's mean normalized value, for sampling the drawn token's log-probability (NaN where
+    /// the token was taken by argmax: the greedy gripper). logits: [B, 1, V'] (V' may include padding ids).</summary>
+    Tensor Choose(Tensor logits, int[][] tokens, double[][]? values, float[][]? logProbs, int step)
     {
         Tensor next;
         if (Decoding.Mode == DecodingMode.Greedy) next = logits.argmax(-1);
@@ -351,39 +354,35 @@ public sealed class VlaPolicy : IActionPolicy, IDisposable
                 var mean = (softmax(action, -1) * _binCentres).sum(-1).cpu().data<float>().ToArray();
                 for (int b = 0; b < values!.Length; b++) values[b][step] = mean[b];
             }
-            else if (Decoding.GreedyGripper && step == tokens[0].Length - 1) next = logits.argmax(-1);   // the gripper, last
-            else next = Sample(logits.squeeze(1));
+            else if (Decoding.GreedyGripper && step == tokens[0].Length - 1)
+            {
+                next = logits.argmax(-1);   // the gripper, last
+                foreach (var row in logProbs!) row[step] = float.NaN;
+            }
+            else next = Sample(logits.squeeze(1), logProbs!, step);
         }
         Record(next, tokens, step);
         return next;
     }
 
-    /// <summary>One token per row, as Hugging Face samples (its TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper in
-    /// that order, then multinomial), over the whole vocabulary. logits: [B, V'] → [B, 1] token ids.</summary>
-    Tensor Sample(Tensor logits)
+    /// <summary>One token per row, as Hugging Face samples (<see cref="ActionDecoding.Warp"/>, then multinomial), over the
+    /// whole vocabulary; each drawn token's log-probability under the warped distribution is kept for
+    /// <see cref="ActionPrediction.TokenLogProbs"/>. logits: [B, V'] → [B, 1] token ids.</summary>
+    Tensor Sample(Tensor logits, float[][] logProbs, int step)
     {
-        // Scalars held by using-locals, not converted implicitly inside the calls (see KeptScalars): with implicit ones a
-        // DAgger recording worker died once of "INTERNAL ASSERT FAILED at Scalar.h" in about 200 k sampled tokens.
-        using var temperature = Decoding.Temperature.ToScalar();
-        using var minusInfinity = double.NegativeInfinity.ToScalar();
-        using var dropBelow = (1.0 - Decoding.TopP).ToScalar();
-        using var keep = false.ToScalar();
-        var scores = logits.to(ScalarType.Float32).cpu().div(temperature);
-        if (Decoding.TopK > 0 && Decoding.TopK < scores.shape[1])
-        {
-            var kth = scores.topk(Decoding.TopK, -1).values.narrow(1, Decoding.TopK - 1, 1);   // [B, 1]
-            scores = scores.masked_fill(scores.lt(kth), minusInfinity);
-        }
-        if (Decoding.TopP < 1.0)
-        {
-            // Sort ascending; drop the tokens whose cumulative probability stays at or below 1 − top_p, always keeping the top one.
-            var (sorted, order) = scores.sort(-1, descending: false);
-            var cumulative = softmax(sorted, -1).cumsum(-1);
-            var drop = cumulative.le(dropBelow);
-            drop.narrow(1, drop.shape[1] - 1, 1).fill_(keep);
-            scores = scores.masked_fill(drop.scatter(1, order, drop), minusInfinity);
-        }
-        return multinomial(softmax(scores, -1), 1, generator: _sampler).to(Device);
+        var scores = Decoding.Warp(logits.to(ScalarType.Float32).cpu());
+        var drawn = multinomial(softmax(scores, -1), 1, generator: _sampler);
+        var chosen = nn.functional.log_softmax(scores, -1).gather(1, drawn).data<float>().ToArray();
+        for (int b = 0; b < chosen.Length; b++) logProbs[b][step] = chosen[b];
+        return drawn.to(Device);
+    }
+
+    /// <summary>Restarts the sampling generator at <paramref name="seed"/>: what a rollout does to make its draws a function
+    /// of its own seed, whatever this policy sampled before (post-training's rollouts). No effect on greedy or expected
+    /// decoding.</summary>
+    public void ReseedSampling(long seed)
+    {
+        lock (_gate) _sampler?.manual_seed(seed);
     }
 
     static void Record(Tensor next, int[][] tokens, int step)

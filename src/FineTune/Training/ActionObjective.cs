@@ -71,7 +71,9 @@ public sealed class ActionObjective
         var prompt = _tokenizer.PromptIds(e.Instruction);
         var ids = new long[prompt.Length + e.NormalizedAction.Length + 1];
         for (int i = 0; i < prompt.Length; i++) ids[i] = prompt[i];
-        for (int i = 0; i < e.NormalizedAction.Length; i++) ids[prompt.Length + i] = ActionTokenizer.Encode(e.NormalizedAction[i]);
+        if (e.ActionTokenIds is { } tokens && tokens.Length != e.NormalizedAction.Length)
+            throw new ArgumentException($"an example has {tokens.Length} action token ids for a {e.NormalizedAction.Length}-D action");
+        for (int i = 0; i < e.NormalizedAction.Length; i++) ids[prompt.Length + i] = e.ActionTokenIds?[i] ?? ActionTokenizer.Encode(e.NormalizedAction[i]);
         ids[^1] = _tokenizer.EosId;
         return ids;
     }

@@ -167,6 +167,41 @@ public sealed class Trainer : IDisposable
             correct += result.ActionCorrect;
             l1Sum += result.L1 * result.ActionTokens;
         }
+        var (gradNorm, lr, elapsed) = ClipAndUpdate(step);
+        double meanLoss = lossSum / Options.GradAccumulation;
+        return new StepMetrics(_optimizer.Step, "train", meanLoss,
+            actionTokens == 0 ? double.NaN : (double)correct / actionTokens, _oft is not null ? meanLoss : actionTokens == 0 ? double.NaN : l1Sum / actionTokens,
+            lr, gradNorm, _optimizer.Step * (double)Options.EffectiveBatch / Math.Max(elapsed, 1e-9), elapsed)
+        {
+            AuxLoss = _aux is null ? double.NaN : auxSum / Options.GradAccumulation,
+        };
+    }
+
+    /// <summary>
+    /// One optimizer step whose loss the caller defines (post-training's clipped objective): <paramref name="microBatch"/>
+    /// runs micro-batch m of <see cref="TrainerOptions.GradAccumulation"/> — forward, and backward of its loss divided by the
+    /// accumulation — with the run's generator reseeded for (step, m) as in <see cref="TrainStep(IExampleSource)"/>, and
+    /// returns its loss value; then the same clipping, schedule and AdamW update.
+    /// </summary>
+    public StepMetrics TrainStep(Func<int, double> microBatch)
+    {
+        _clock.Start();
+        long step = _optimizer.Step;
+        double lossSum = 0;
+        for (int micro = 0; micro < Options.GradAccumulation; micro++)
+        {
+            using var scope = NewDisposeScope();
+            _generator.manual_seed((long)(InMemoryExampleSource.Mix(Options.Seed, (ulong)step, (ulong)micro) >> 1));
+            lossSum += microBatch(micro);
+        }
+        var (gradNorm, lr, elapsed) = ClipAndUpdate(step);
+        return new StepMetrics(_optimizer.Step, "train", lossSum / Options.GradAccumulation, double.NaN, double.NaN, lr, gradNorm,
+            _optimizer.Step * (double)Options.EffectiveBatch / Math.Max(elapsed, 1e-9), elapsed);
+    }
+
+    /// <summary>Global-norm clipping, the scheduled learning rate, AdamW, zeroed gradients; stops the step's clock.</summary>
+    (double GradNorm, double LearningRate, double ElapsedSeconds) ClipAndUpdate(long step)
+    {
         double gradNorm = GradNorm();
         if (Options.MaxGradNorm > 0 && gradNorm > Options.MaxGradNorm)
         {
@@ -178,15 +213,11 @@ public sealed class Trainer : IDisposable
         _optimizer.Update(lr);
         _optimizer.ZeroGrad();
         _clock.Stop();
-        double elapsed = _elapsedBefore + _clock.Elapsed.TotalSeconds;
-        double meanLoss = lossSum / Options.GradAccumulation;
-        return new StepMetrics(_optimizer.Step, "train", meanLoss,
-            actionTokens == 0 ? double.NaN : (double)correct / actionTokens, _oft is not null ? meanLoss : actionTokens == 0 ? double.NaN : l1Sum / actionTokens,
-            lr, gradNorm, _optimizer.Step * (double)Options.EffectiveBatch / Math.Max(elapsed, 1e-9), elapsed)
-        {
-            AuxLoss = _aux is null ? double.NaN : auxSum / Options.GradAccumulation,
-        };
+        return (gradNorm, lr, _elapsedBefore + _clock.Elapsed.TotalSeconds);
     }
+
+    /// <summary>What runs the decoder layers in a training forward: gradient checkpointing when the options ask for it.</summary>
+    public Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? DecoderLayerRunner => LayerRunner();
 
     Func<LlamaDecoderLayer, Tensor, Func<Tensor, Tensor>, Tensor>? LayerRunner() =>
         Options.GradientCheckpointing ? GradientCheckpointing.DecoderLayers(_generator) : null;

@@ -13,6 +13,9 @@ public sealed record TrainingExample(RgbImage Image, string Instruction, float[]
     public IReadOnlyList<RgbImage> ExtraImages { get; init; } = [];
     public float[][]? NormalizedChunk { get; init; }
     public float[]? NormalizedProprio { get; init; }
+    /// <summary>The action as the token ids themselves (post-training's sampled tokens), instead of binning
+    /// <see cref="NormalizedAction"/>: a token's id is what its log-probability is about.</summary>
+    public int[]? ActionTokenIds { get; init; }
 }
 
 /// <summary>
