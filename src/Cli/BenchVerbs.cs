@@ -8,7 +8,46 @@ namespace OpenVLA.Cli;
 /// <summary>bench: inference latency/throughput/memory with roofline ratios, and a native-memory soak.</summary>
 internal static class BenchVerbs
 {
-    public static IEnumerable<Command> Create() => [Bench()];
+    public static IEnumerable<Command> Create() => [Bench(), FuzzDecode()];
+
+    /// <summary>The long version of the decode path's mutation test: many more mutations, any frames the user gives.</summary>
+    static Command FuzzDecode()
+    {
+        var images = new Argument<string[]>("images") { Description = "JPEG or PNG files to mutate (default: two frames of the tabletop scene's size)", Arity = ArgumentArity.ZeroOrMore };
+        var mutations = new Option<int>("--mutations") { Description = "how many mutated frames to decode", DefaultValueFactory = _ => 200_000 };
+        var seed = new Option<int>("--seed") { Description = "seed of the mutations (a failure names it, with the mutation, to replay)", DefaultValueFactory = _ => 1 };
+        var maxPixels = new Option<long>("--max-image-pixels") { Description = "the pixel cap of the decode path under test", DefaultValueFactory = _ => 2048L * 2048 };
+        var cmd = new Command("fuzz-decode", "Mutation-fuzz the image decode path (bit flips, truncations, inserted bytes, extreme length fields): every frame must decode or be refused in one line, with bounded memory.")
+            { images, mutations, seed, maxPixels };
+        cmd.SetAction(r =>
+        {
+            if (r.GetValue(mutations) < 1) throw new UsageException("--mutations must be at least 1");
+            var files = r.GetValue(images) ?? [];
+            var seeds = files.Length > 0 ? files.Select(f => File.Exists(f) ? File.ReadAllBytes(f) : throw new UsageException($"image file not found: {f}")).ToList()
+                : OpenVLA.Policy.Preprocessing.ImageFuzz.SampleFrames();
+            var limits = new OpenVLA.Policy.Preprocessing.ImageLimits(MaxSide: 16384, MaxPixels: r.GetValue(maxPixels));
+            long rss = Environment.WorkingSet, peak = rss;
+            int n = r.GetValue(mutations);
+            using var progress = new ConsoleProgress("fuzz-decode");
+            var result = OpenVLA.Policy.Preprocessing.ImageFuzz.Run(seeds, n, r.GetValue(seed), limits, i =>
+            {
+                if (i % 1000 == 0) { peak = Math.Max(peak, Environment.WorkingSet); progress.Report((double)i / n); }
+            });
+            Console.WriteLine($"fuzz-decode: {n} mutations of {seeds.Count} frames (seed {r.GetValue(seed)}) in {result.Elapsed.TotalSeconds:0.0} s " +
+                              $"({n / result.Elapsed.TotalSeconds:0} frames/s): {result.Decoded} decoded, {result.Refused} refused, none escaped; " +
+                              $"resident memory {rss / 1e6:0} MB at start, {peak / 1e6:0} MB at most");
+            foreach (var frame in seeds)
+            {
+                var header = OpenVLA.Policy.Preprocessing.ImageContainer.Validate(frame, limits);
+                double check = MedianMs(() => OpenVLA.Policy.Preprocessing.ImageContainer.Validate(frame, limits));
+                double decode = MedianMs(() => OpenVLA.Policy.Preprocessing.ImageDecoder.Decode(frame, limits));
+                Console.WriteLine($"  valid {header.Name} {header.Width}x{header.Height} ({frame.Length} B): decode {decode:0.000} ms, of which the container check {check:0.000} ms (median of 200)");
+            }
+            foreach (var (reason, count) in result.Reasons.OrderByDescending(kv => kv.Value).Take(15)) Console.WriteLine($"  {count,8}  {reason}");
+            return CliExit.Ok;
+        });
+        return cmd;
+    }
 
     /// <summary>Resident growth per 1000 predictions, after warm-up, above which the soak fails (a leak of one small
     /// tensor per prediction already exceeds it).</summary>
@@ -59,6 +98,20 @@ internal static class BenchVerbs
             return CliExit.Ok;
         });
         return cmd;
+    }
+
+    static double MedianMs(Action action)
+    {
+        for (int i = 0; i < 20; i++) action();
+        var times = new double[200];
+        for (int i = 0; i < times.Length; i++)
+        {
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
+            action();
+            times[i] = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+        }
+        Array.Sort(times);
+        return times[times.Length / 2];
     }
 
     static List<string> Split(string s) => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();

@@ -46,13 +46,14 @@ internal static class ServerVerbs
     {
         var host = new Option<string>("--host") { Description = "address to listen on; 0.0.0.0 exposes the server to the network", DefaultValueFactory = _ => "127.0.0.1" };
         var port = new Option<int>("--port") { Description = "gRPC port (HTTP/2)", DefaultValueFactory = _ => 50051 };
-        var metricsPort = new Option<int>("--metrics-port") { Description = "Prometheus /metrics port (plain HTTP, on 127.0.0.1 unless --metrics-host); -1 turns it off", DefaultValueFactory = _ => 50052 };
+        var metricsPort = new Option<int?>("--metrics-port") { Description = "Prometheus /metrics port (plain HTTP, on 127.0.0.1 unless --metrics-host; default --port + 1, so servers on other ports do not collide); -1 turns it off" };
         var metricsHost = new Option<string>("--metrics-host") { Description = "address of the metrics endpoint", DefaultValueFactory = _ => "127.0.0.1" };
         var maxBatch = new Option<int>("--max-batch") { Description = "most observations per forward pass", DefaultValueFactory = _ => 8 };
         var maxDelay = new Option<double>("--max-queue-delay-ms") { Description = "longest wait for more observations before a forward pass (0: batch whatever arrived while the model was busy)", DefaultValueFactory = _ => 0 };
         var maxQueue = new Option<int>("--max-queue") { Description = "most observations waiting; more get RESOURCE_EXHAUSTED", DefaultValueFactory = _ => 64 };
         var maxMessage = new Option<int>("--max-message-bytes") { Description = "largest request accepted", DefaultValueFactory = _ => 8 << 20 };
         var maxSide = new Option<int>("--max-image-side") { Description = "largest image width or height accepted", DefaultValueFactory = _ => 2048 };
+        var maxPixels = new Option<long>("--max-image-pixels") { Description = "largest width x height accepted, checked on the image header before decoding", DefaultValueFactory = _ => 2048L * 2048 };
         var apiKeyFile = new Option<string?>("--api-key-file") { Description = "file of API keys, one per line; every call then needs 'authorization: Bearer KEY'" };
         var tlsCert = new Option<string?>("--tls-cert") { Description = "PEM certificate: serve over TLS" };
         var tlsKey = new Option<string?>("--tls-key") { Description = "PEM private key of --tls-cert" };
@@ -60,7 +61,7 @@ internal static class ServerVerbs
         var jsonLogs = new Option<bool>("--json-logs") { Description = "structured JSON log lines on stderr" };
         var command = new Command("serve", "Serve a policy over gRPC (openvla.v1) to robots, with dynamic batching across robots.")
         {
-            ServeCheckpoint, CenterCrop, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide,
+            ServeCheckpoint, CenterCrop, host, port, metricsPort, metricsHost, maxBatch, maxDelay, maxQueue, maxMessage, maxSide, maxPixels,
             apiKeyFile, tlsCert, tlsKey, tlsClientCa, jsonLogs,
         };
         var model = new ModelOptions();
@@ -73,9 +74,9 @@ internal static class ServerVerbs
                 Checkpoint = DefaultModel.Resolve(parse.GetValue(ServeCheckpoint)), Quantize = load.Quantize, Device = load.Device,
                 DType = load.DType, CenterCrop = load.CenterCrop, Threads = load.Threads,
                 Host = parse.GetValue(host)!, Port = parse.GetValue(port),
-                MetricsHost = parse.GetValue(metricsHost)!, MetricsPort = parse.GetValue(metricsPort) is var m && m < 0 ? null : m,
+                MetricsHost = parse.GetValue(metricsHost)!, MetricsPort = (parse.GetValue(metricsPort) ?? ServeOptions.DefaultMetricsPort(parse.GetValue(port))) is var m && m < 0 ? null : m,
                 MaxBatch = parse.GetValue(maxBatch), MaxQueueDelayMs = parse.GetValue(maxDelay), MaxQueue = parse.GetValue(maxQueue),
-                MaxMessageBytes = parse.GetValue(maxMessage), MaxImageSide = parse.GetValue(maxSide),
+                MaxMessageBytes = parse.GetValue(maxMessage), MaxImageSide = parse.GetValue(maxSide), MaxImagePixels = parse.GetValue(maxPixels),
                 ApiKeyFile = parse.GetValue(apiKeyFile), TlsCert = parse.GetValue(tlsCert), TlsKey = parse.GetValue(tlsKey),
                 TlsClientCa = parse.GetValue(tlsClientCa), JsonLogs = parse.GetValue(jsonLogs),
             };
@@ -141,7 +142,7 @@ internal static class ServerVerbs
             Console.WriteLine($"precision:     {info.Precision}, quantization {info.Quantization}");
             Console.WriteLine($"unnorm keys:   {string.Join(", ", info.UnnormKeys.Select(k => $"{k.Name} ({k.StatsSha256[..12]})"))}");
             var l = info.Limits;
-            Console.WriteLine($"limits:        message {l.MaxMessageBytes} B, image side {l.MaxImageSide}, batch {l.MaxBatch} within {l.MaxQueueDelayMs} ms, queue {l.MaxQueue}");
+            Console.WriteLine($"limits:        message {l.MaxMessageBytes} B, image side {l.MaxImageSide} and {l.MaxImagePixels} pixels, batch {l.MaxBatch} within {l.MaxQueueDelayMs} ms, queue {l.MaxQueue}");
             return CliExit.Ok;
         });
         return command;

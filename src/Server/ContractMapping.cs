@@ -1,3 +1,4 @@
+using OpenVLA.Policy.Preprocessing;
 using System.Security.Cryptography;
 using System.Text;
 using OpenVLA.Contract.V1;
@@ -14,12 +15,14 @@ internal sealed class ContractMapping
     public const string ApiVersion = "openvla.v1";
     readonly PolicyDescription description;
     readonly ServeOptions options;
+    readonly ImageLimits imageLimits;
     readonly string[] knownKeys;
 
     public ContractMapping(PolicyDescription description, ServeOptions options)
     {
         this.description = description;
         this.options = options;
+        imageLimits = new ImageLimits(options.MaxImageSide, options.MaxImagePixels);
         knownKeys = description.UnnormStats.Keys.Order(StringComparer.Ordinal).ToArray();
         ModelVersion = ComputeModelVersion(description);
     }
@@ -50,8 +53,8 @@ internal sealed class ContractMapping
         var images = new RgbImage[observation.Images.Count];
         for (int i = 0; i < images.Length; i++)
         {
-            try { images[i] = FrameDecoder.Decode(observation.Images[i], options.MaxImageSide); }
-            catch (InvalidObservationException e) when (images.Length > 1) { throw Invalid($"image {i}: {e.Message}"); }
+            try { images[i] = FrameDecoder.Decode(observation.Images[i], imageLimits); }
+            catch (PolicyInputException e) when (images.Length > 1) { throw Invalid($"image {i}: {e.Message}"); }
         }
         var decodeMs = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;
         var proprio = description.ProprioDim > 0 ? observation.Proprio.ToArray() : null;
@@ -118,6 +121,7 @@ internal sealed class ContractMapping
             {
                 MaxMessageBytes = (ulong)options.MaxMessageBytes,
                 MaxImageSide = (uint)options.MaxImageSide,
+                MaxImagePixels = (ulong)options.MaxImagePixels,
                 MaxBatch = (uint)options.MaxBatch,
                 MaxQueueDelayMs = options.MaxQueueDelayMs,
                 MaxQueue = (uint)options.MaxQueue,
@@ -162,5 +166,5 @@ internal sealed class ContractMapping
 
     static string OneLine(string s) => s.Length > 64 ? s[..64].ReplaceLineEndings(" ") + "..." : s.ReplaceLineEndings(" ");
 
-    static InvalidObservationException Invalid(string message) => new(message);
+    static PolicyInputException Invalid(string message) => new(message);
 }

@@ -227,5 +227,5 @@ public static class LoadBenchmark
     }
 
     static RgbImage DecodeJpeg(byte[] jpeg) =>
-        FrameDecoder.Decode(new Image { Encoding = ImageEncoding.Jpeg, Data = ByteString.CopyFrom(jpeg) }, 4096);
+        FrameDecoder.Decode(new Image { Encoding = ImageEncoding.Jpeg, Data = ByteString.CopyFrom(jpeg) }, new OpenVLA.Policy.Preprocessing.ImageLimits(4096));
 }

@@ -195,7 +195,6 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
     (Policy.VlaObservation, double) Map(ServingState.Loaded loaded, Observation? observation, string method)
     {
         try { return loaded.Mapping.ToPolicyInput(observation); }
-        catch (InvalidObservationException e) { throw Fail(method, StatusCode.InvalidArgument, e.Message); }
         catch (Policy.PolicyInputException e) { throw Fail(method, StatusCode.InvalidArgument, e.Message.ReplaceLineEndings(" ")); }
     }
 

@@ -18,7 +18,10 @@ public sealed record ServeOptions
 
     /// <summary>Plain-HTTP Prometheus endpoint (/metrics) on its own port; null turns it off, 0 picks a free port.</summary>
     public string MetricsHost { get; init; } = "127.0.0.1";
-    public int? MetricsPort { get; init; } = 50052;
+    public int? MetricsPort { get; init; } = DefaultMetricsPort(50051);
+
+    /// <summary>The metrics port when none is given: the next one after the gRPC port (ephemeral when that is).</summary>
+    public static int DefaultMetricsPort(int port) => port == 0 ? 0 : port < 65535 ? port + 1 : port - 1;
 
     /// <summary>
     /// Dynamic batching: at most MaxBatch observations per forward pass, waiting at most MaxQueueDelay after the oldest
@@ -33,6 +36,8 @@ public sealed record ServeOptions
     /// <summary>Input limits, checked before anything is allocated for the input.</summary>
     public int MaxMessageBytes { get; init; } = 8 << 20;
     public int MaxImageSide { get; init; } = 2048;
+    /// <summary>Largest width x height of a frame, checked on the container's header before decoding (12 MB of RGB at the default).</summary>
+    public long MaxImagePixels { get; init; } = 2048L * 2048;
     public int MaxInstructionBytes { get; init; } = 1024;
     public int MaxProprio { get; init; } = 64;
 
@@ -61,6 +66,7 @@ public sealed record ServeOptions
         if (MaxQueue < 1) return $"--max-queue must be at least 1, got {MaxQueue}";
         if (MaxMessageBytes is < 1024) return $"--max-message-bytes must be at least 1024, got {MaxMessageBytes}";
         if (MaxImageSide is < 1 or > 16384) return $"--max-image-side must be 1..16384, got {MaxImageSide}";
+        if (MaxImagePixels is < 1 or > 1L << 28) return $"--max-image-pixels must be 1..{1L << 28}, got {MaxImagePixels}";
         if ((TlsCert is null) != (TlsKey is null)) return "--tls-cert and --tls-key go together";
         if (TlsClientCa is not null && TlsCert is null) return "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key";
         foreach (var (flag, path) in new[] { ("--api-key-file", ApiKeyFile), ("--tls-cert", TlsCert), ("--tls-key", TlsKey), ("--tls-client-ca", TlsClientCa) })

@@ -1,3 +1,4 @@
+using OpenVLA.Policy.Preprocessing;
 using OpenCvSharp;
 using OpenVLA.Policy;
 
@@ -34,11 +35,11 @@ public sealed record Episode(int Index, float[][] Actions, float[][] Proprio, st
 /// <summary>Image decoding and resizing with OpenCV, always handing out RGB8 (OpenCV itself works in BGR).</summary>
 public static class ImageCodec
 {
+    /// <summary>The policy core's one decode path, so training sees exactly the pixels (and refuses exactly the frames) that serving does.</summary>
     public static RgbImage Decode(byte[] encoded)
     {
-        using var bgr = Cv2.ImDecode(encoded, ImreadModes.Color);
-        if (bgr.Empty()) throw new DatasetException($"could not decode an image of {encoded.Length} bytes (expected PNG or JPEG)");
-        return FromBgr(bgr);
+        try { return ImageDecoder.Decode(encoded); }
+        catch (PolicyInputException e) { throw new DatasetException($"a frame of {encoded.Length} bytes cannot be used: {e.Message}"); }
     }
 
     internal static RgbImage FromBgr(Mat bgr)

@@ -44,7 +44,7 @@ public class ImageDecoderTests
         Assert.Equal((2, 3), (image.Width, image.Height));
         Assert.Contains("needs 18 bytes, got 17", Assert.Throws<PolicyInputException>(() => ImageDecoder.FromRaw(new byte[17], 2, 3)).Message);
         Assert.Contains("must be positive, got 0x3", Assert.Throws<PolicyInputException>(() => ImageDecoder.FromRaw([], 0, 3)).Message);
-        Assert.Contains("largest accepted is 8192x8192", Assert.Throws<PolicyInputException>(() => ImageDecoder.FromRaw([], 9000, 1)).Message);
+        Assert.Contains("largest accepted side is 8192", Assert.Throws<PolicyInputException>(() => ImageDecoder.FromRaw([], 9000, 1)).Message);
     }
 
     [Fact]
@@ -55,7 +55,7 @@ public class ImageDecoderTests
             Assert.Throws<PolicyInputException>(() => ImageDecoder.Decode("GIF89a\x01\x00"u8.ToArray())).Message);
 
         byte[] png = Encode(".png");
-        Assert.Contains("corrupt or truncated PNG", Assert.Throws<PolicyInputException>(() => ImageDecoder.Decode(png[..(png.Length - 20)])).Message);
+        Assert.Contains("truncated or corrupt PNG image: chunk IDAT", Assert.Throws<PolicyInputException>(() => ImageDecoder.Decode(png[..(png.Length - 20)])).Message);
         Assert.Contains("corrupt PNG image: no valid header", Assert.Throws<PolicyInputException>(() => ImageDecoder.Decode(png[..12])).Message);
         byte[] garbled = (byte[])png.Clone();
         for (int i = 45; i < garbled.Length - 12; i++) garbled[i] ^= 0x5A; // inside the compressed data
@@ -72,7 +72,22 @@ public class ImageDecoderTests
         byte[] png = Encode(".png");
         BinaryPrimitives.WriteUInt32BigEndian(png.AsSpan(16), 100_000); // IHDR width
         var e = Assert.Throws<PolicyInputException>(() => ImageDecoder.Decode(png));
-        Assert.Equal("PNG image is 100000x3 pixels; the largest accepted is 8192x8192", e.Message);
+        Assert.Contains("fails its CRC", e.Message);   // the header was edited without its CRC
+        FixCrc(png, 8);
+        Assert.Equal("PNG image is 100000x3 pixels; the largest accepted side is 8192", Assert.Throws<PolicyInputException>(() => ImageDecoder.Decode(png)).Message);
+    }
+
+    /// <summary>Rewrites the CRC of the PNG chunk at <paramref name="offset"/> after an edit (an independent CRC-32).</summary>
+    internal static void FixCrc(byte[] png, int offset)
+    {
+        int length = (int)BinaryPrimitives.ReadUInt32BigEndian(png.AsSpan(offset));
+        uint c = 0xFFFFFFFF;
+        foreach (byte b in png.AsSpan(offset + 4, 4 + length))
+        {
+            c ^= b;
+            for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (uint)-(int)(c & 1));
+        }
+        BinaryPrimitives.WriteUInt32BigEndian(png.AsSpan(offset + 8 + length), ~c);
     }
 
     [Fact]

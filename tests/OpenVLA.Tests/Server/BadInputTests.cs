@@ -28,16 +28,16 @@ public sealed class BadInputTests : IAsyncLifetime
 
     public static TheoryData<string, Func<Observation>, string> Cases() => new()
     {
-        { "random bytes as JPEG", () => TestServer.WithImage(TestServer.EncodedImage(RandomBytes(5000), ImageEncoding.Jpeg)), "does not start with a JPEG marker" },
-        { "truncated JPEG", () => TestServer.WithImage(TestServer.EncodedImage(Jpeg[..(Jpeg.Length / 2)], ImageEncoding.Jpeg)), "JPEG image is truncated" },
-        { "PNG bytes labelled JPEG", () => TestServer.WithImage(TestServer.EncodedImage(Png, ImageEncoding.Jpeg)), "does not start with a JPEG marker" },
-        { "truncated PNG", () => TestServer.WithImage(TestServer.EncodedImage(Png[..(Png.Length - 20)], ImageEncoding.Png)), "PNG image is truncated" },
-        { "corrupt PNG data", () => TestServer.WithImage(TestServer.EncodedImage(CorruptMiddle(Png), ImageEncoding.Png)), "corrupt or truncated PNG image" },
+        { "random bytes as JPEG", () => TestServer.WithImage(TestServer.EncodedImage(RandomBytes(5000), ImageEncoding.Jpeg)), "declared JPEG but its bytes are neither JPEG nor PNG" },
+        { "truncated JPEG", () => TestServer.WithImage(TestServer.EncodedImage(Jpeg[..(Jpeg.Length / 2)], ImageEncoding.Jpeg)), "truncated or corrupt JPEG image" },
+        { "PNG bytes labelled JPEG", () => TestServer.WithImage(TestServer.EncodedImage(Png, ImageEncoding.Jpeg)), "declared JPEG but its bytes are PNG" },
+        { "truncated PNG", () => TestServer.WithImage(TestServer.EncodedImage(Png[..(Png.Length - 20)], ImageEncoding.Png)), "truncated or corrupt PNG image: chunk IDAT" },
+        { "corrupt PNG data", () => TestServer.WithImage(TestServer.EncodedImage(CorruptMiddle(Png), ImageEncoding.Png)), "fails its CRC" },
         { "empty JPEG", () => TestServer.WithImage(TestServer.EncodedImage([], ImageEncoding.Jpeg)), "JPEG image has no bytes" },
-        { "JPEG header claiming 60000x60000", () => TestServer.WithImage(TestServer.EncodedImage(HugeJpegHeader(), ImageEncoding.Jpeg)), "exceeds the server's limit of 1024" },
+        { "JPEG header claiming 60000x60000", () => TestServer.WithImage(TestServer.EncodedImage(HugeJpegHeader(), ImageEncoding.Jpeg)), "the largest accepted side is 1024" },
         { "raw size not width*height*3", () => TestServer.WithImage(Raw(32, 24, 32 * 24 * 3 - 1)), "needs 2304 bytes, got 2303" },
         { "raw zero width", () => TestServer.WithImage(Raw(0, 24, 0)), "image size must be positive, got 0x24" },
-        { "raw huge dimensions", () => TestServer.WithImage(Raw(100_000, 100_000, 12)), "exceeds the server's limit" },
+        { "raw huge dimensions", () => TestServer.WithImage(Raw(100_000, 100_000, 12)), "the largest accepted side is 1024" },
         { "unknown encoding", () => TestServer.WithImage(new Image { Encoding = (ImageEncoding)9, Data = ByteString.CopyFrom(Jpeg) }), "unknown image encoding 9" },
         { "encoding not set", () => TestServer.WithImage(new Image { Data = ByteString.CopyFrom(Jpeg) }), "image encoding is not set" },
         { "empty instruction", () => TestServer.WithImage(TestServer.EncodedImage(Jpeg, ImageEncoding.Jpeg), instruction: "  "), "instruction is empty" },

@@ -159,11 +159,20 @@ public sealed class CliTests
         finally { Directory.Delete(dir, recursive: true); }
     }
 
+    [Theory]
+    [InlineData(50051, 50052)]
+    [InlineData(6000, 6001)]
+    [InlineData(0, 0)]
+    [InlineData(65535, 65534)]
+    public void The_metrics_port_follows_the_grpc_port(int port, int metrics) =>
+        Assert.Equal(metrics, OpenVLA.Server.ServeOptions.DefaultMetricsPort(port));
+
     [Fact]
     public async Task Serve_serves_a_checkpoint_until_SIGTERM_then_stops_cleanly()
     {
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in new[] { Cli, "serve", "--checkpoint", TestPaths.Fixture("openvla-golden", "checkpoint"), "--port", "0", "--metrics-port", "-1" })
+        // No --metrics-port: it follows --port (here ephemeral too), so servers on different ports never collide on 50052.
+        foreach (var a in new[] { Cli, "serve", "--checkpoint", TestPaths.Fixture("openvla-golden", "checkpoint"), "--port", "0" })
             start.ArgumentList.Add(a);
         using var process = Process.Start(start)!;
         var stdout = process.StandardOutput.ReadToEndAsync();
