@@ -60,18 +60,24 @@ public sealed class PolicyGradientObjective(ActionObjective objective, ActionDec
         var old = tensor(recorded.Select(v => float.IsFinite(v) ? v : 0f).ToArray(), [b, a], device: dev);
         var mask = tensor(recorded.Select(v => float.IsFinite(v) ? 1f : 0f).ToArray(), [b, a], device: dev);
         var advantage = tensor(samples.Select(s => (float)s.Advantage).ToArray(), [b, 1], device: dev);
-        var logRatio = current - old;
+        // Every number given to a tensor operation is a Scalar held here: a temporary one can be finalized mid-call (KeptScalars).
+        using var one = 1.ToScalar();
+        using var low = (1 - ClipEpsilon).ToScalar();
+        using var high = (1 + ClipEpsilon).ToScalar();
+        using var epsilon = ClipEpsilon.ToScalar();
+        var logRatio = current.sub(old);
         var ratio = logRatio.exp();
-        var surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - ClipEpsilon, 1 + ClipEpsilon) * advantage);
+        var surrogate = torch.minimum(ratio.mul(advantage), ratio.clamp(low, high).mul(advantage));
         int tokens = (int)mask.sum().item<float>();
-        var loss = -(surrogate * mask).sum() / Math.Max(tokens, 1);
+        using var count = Math.Max(tokens, 1).ToScalar();
+        var loss = surrogate.mul(mask).sum().div(count).neg();
         double clipped, kl;
         using (torch.no_grad())
         {
-            clipped = ((ratio - 1).abs().gt(ClipEpsilon).to(ScalarType.Float32) * mask).sum().item<float>() / Math.Max(tokens, 1);
+            clipped = ratio.sub(one).abs().gt(epsilon).to(ScalarType.Float32).mul(mask).sum().item<float>() / Math.Max(tokens, 1);
             // A token that fell out of the top-k set has r = 0 and an infinite k3 term: counted as clipped, left out of the KL.
-            var finite = logRatio.isfinite().to(ScalarType.Float32) * mask;
-            var k3 = torch.where(finite.gt(0), ratio - 1 - logRatio, zeros_like(ratio));
+            var finite = logRatio.isfinite().to(ScalarType.Float32).mul(mask);
+            var k3 = torch.where(finite.to(ScalarType.Bool), ratio.sub(one).sub(logRatio), zeros_like(ratio));
             kl = k3.sum().item<float>() / Math.Max(finite.sum().item<float>(), 1);
         }
         return new PolicyGradientStats(loss, loss.item<float>(), clipped, kl, tokens);

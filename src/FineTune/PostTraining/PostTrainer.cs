@@ -240,9 +240,10 @@ public sealed class PostTrainer
                         var demos = Enumerable.Range(0, batch).Select(_ => _cursor.Next()).ToList();
                         using var bcBatch = _trainer.Objective.Build(demos, _trainer.Model.Precision.Device, _trainer.Model.Precision.DType);
                         var (hidden, labels) = ActionObjective.Forward(_trainer.Model, bcBatch, _trainer.DecoderLayerRunner);
-                        loss = loss + _trainer.Objective.Score(hidden, labels, _trainer.Model.language_model.Logits).Loss * _options.BcWeight;
+                        using var weight = _options.BcWeight.ToScalar();
+                        loss = loss.add(_trainer.Objective.Score(hidden, labels, _trainer.Model.language_model.Logits).Loss.mul(weight), KeptScalars.One);
                     }
-                    (loss / _trainer.Options.GradAccumulation).backward();
+                    _trainer.Backward(loss);
                     clipped += stats.ClipFraction / _trainer.Options.GradAccumulation;
                     kl += stats.ApproxKl / _trainer.Options.GradAccumulation;
                     return stats.LossValue;

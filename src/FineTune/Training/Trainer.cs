@@ -57,6 +57,8 @@ public sealed class Trainer : IDisposable
     readonly Stopwatch _clock = new();
     // Draws the adapters' init, then their dropout masks; reseeded per micro-batch (see TrainStep).
     readonly Generator _generator;
+    // Numbers in tensor operations are Scalars held for the run: a temporary one can be finalized mid-call (KeptScalars).
+    readonly Scalar _perMicroBatch, _auxWeight;
     double _elapsedBefore;
     readonly AuxHead? _aux;
     readonly OftObjective? _oft;
@@ -99,6 +101,8 @@ public sealed class Trainer : IDisposable
                 throw new ArgumentException("training on an int4 base is not supported (its backward would rebuild every weight through the kernel); use int8");
         }
         _generator = new Generator(options.Seed, model.Precision.Device);   // masks are drawn on the model's device
+        _perMicroBatch = (1.0 / options.GradAccumulation).ToScalar();
+        _auxWeight = options.AuxWeight.ToScalar();
         if (options.Full)
         {
             foreach (var p in model.parameters()) p.requires_grad = true;
@@ -147,7 +151,7 @@ public sealed class Trainer : IDisposable
             {
                 using var oftBatch = _oft.Build(examples, _model.Precision.Device, _model.Precision.DType);
                 var (oftLoss, value) = _oft.Forward(_model, oftBatch, LayerRunner());
-                (oftLoss / Options.GradAccumulation).backward();
+                Backward(oftLoss);
                 lossSum += value;   // the L1 loss is also the L1 metric (no tokens to count)
                 continue;
             }
@@ -159,9 +163,9 @@ public sealed class Trainer : IDisposable
             {
                 var aux = _aux.Loss(patches!, examples);
                 auxSum += aux.item<float>();
-                loss = loss + aux * Options.AuxWeight;
+                loss = loss.add(aux.mul(_auxWeight), KeptScalars.One);
             }
-            (loss / Options.GradAccumulation).backward();
+            Backward(loss);
             lossSum += result.LossValue;
             actionTokens += result.ActionTokens;
             correct += result.ActionCorrect;
@@ -473,8 +477,13 @@ public sealed class Trainer : IDisposable
         ["freeze_vision"] = o.FreezeVision,
     };
 
+    /// <summary>Backpropagates one micro-batch's loss, scaled by 1 / gradient accumulation.</summary>
+    public void Backward(Tensor loss) => loss.mul(_perMicroBatch).backward();
+
     public void Dispose()
     {
+        _perMicroBatch.Dispose();
+        _auxWeight.Dispose();
         _optimizer.Dispose();
         _aux?.Dispose();
         GradientCheckpointing.SetVision(_model, false, null);
