@@ -16,6 +16,8 @@ internal sealed class ContractMapping
     readonly PolicyDescription description;
     readonly ServeOptions options;
     readonly ImageLimits imageLimits;
+
+    public int MaxMessageBytes => options.MaxMessageBytes;
     readonly string[] knownKeys;
 
     public ContractMapping(PolicyDescription description, ServeOptions options)

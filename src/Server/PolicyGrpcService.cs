@@ -21,12 +21,14 @@ internal sealed class ServingState
 /// openvla.v1.PolicyService: translates messages to scheduler work and back. Every failure leaves as a status code with
 /// one line (<see cref="Fail"/>); exception text from inside the server never does.
 /// </summary>
+[BindServiceMethod(typeof(WireMessages), nameof(WireMessages.Bind))]
 internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metrics, ILogger<PolicyGrpcService> logger)
     : PolicyService.PolicyServiceBase
 {
     public override Task<PolicyInfo> GetPolicyInfo(GetPolicyInfoRequest request, ServerCallContext context)
     {
         var loaded = Require("GetPolicyInfo");
+        if (WireError(loaded, request) is { } wire) throw Fail("GetPolicyInfo", wire.Code, wire.Message);
         metrics.Request("GetPolicyInfo", StatusCode.OK);
         return Task.FromResult(loaded.Mapping.Describe());
     }
@@ -36,6 +38,7 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
         const string method = "Predict";
         long start = Stopwatch.GetTimestamp();
         var loaded = Require(method);
+        if (WireError(loaded, request) is { } wire) throw Fail(method, wire.Code, wire.Message);
         var (observation, decodeMs) = Map(loaded, request.Observation, method);
         var item = new WorkItem(observation, Deadline(context), context.CancellationToken);
         if (!loaded.Scheduler.TryEnqueue(item)) throw Refused(method, loaded);
@@ -85,6 +88,12 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
                     if (session.RobotId.Length == 0) session.RobotId = frame.RobotId;
                 }
                 long start = Stopwatch.GetTimestamp();
+                if (WireError(loaded, requestStream.Current) is { } wire)
+                {
+                    metrics.Request(method, wire.Code);
+                    lock (session) outgoing.Writer.TryWrite(session.Error(frame, wire.Code, wire.Message));
+                    continue;
+                }
                 try
                 {
                     var (observation, decodeMs) = Map(loaded, requestStream.Current.Observation, method);
@@ -196,6 +205,16 @@ internal sealed class PolicyGrpcService(ServingState state, ServerMetrics metric
     {
         try { return loaded.Mapping.ToPolicyInput(observation); }
         catch (Policy.PolicyInputException e) { throw Fail(method, StatusCode.InvalidArgument, e.Message.ReplaceLineEndings(" ")); }
+    }
+
+    /// <summary>A request that did not parse, or is larger than the server's limit (<see cref="WireMessages"/>).</summary>
+    static (StatusCode Code, string Message)? WireError(ServingState.Loaded loaded, Google.Protobuf.IMessage request)
+    {
+        var wire = WireMessages.Of(request);
+        if (wire.Problem is { } problem) return (StatusCode.InvalidArgument, problem);
+        if (wire.Bytes > loaded.Mapping.MaxMessageBytes)
+            return (StatusCode.ResourceExhausted, $"the message is {wire.Bytes} bytes; the server accepts at most {loaded.Mapping.MaxMessageBytes} (--max-message-bytes)");
+        return null;
     }
 
     static DateTime? Deadline(ServerCallContext context) => context.Deadline == DateTime.MaxValue ? null : context.Deadline.ToUniversalTime();

@@ -108,7 +108,7 @@ public sealed class PolicyServer : IAsyncDisposable
         builder.Services.AddGrpc(grpc =>
         {
             grpc.EnableDetailedErrors = false; // never send exception text to a client
-            grpc.MaxReceiveMessageSize = options.MaxMessageBytes;
+            grpc.MaxReceiveMessageSize = WireMessages.TransportLimit(options.MaxMessageBytes);   // the service refuses what exceeds options.MaxMessageBytes
             grpc.MaxSendMessageSize = null;
             if (apiKeys is not null) grpc.Interceptors.Add<ApiKeyInterceptor>();
         });
