@@ -84,6 +84,9 @@ internal static class PostTrainVerbs
             string? latest = Trainer.LatestCheckpoint(runDir);
             if (r.GetValue(resume) && latest is null) throw new UsageException($"--resume: no completed iteration in {runDir}");
             if (!r.GetValue(resume) && latest is not null) throw new UsageException($"{runDir} already holds {Path.GetFileName(latest)}; pass --resume to continue it or choose another --out");
+            if (r.GetValue(resume))
+                foreach (var broken in Trainer.IncompleteCheckpoints(runDir))
+                    Console.Error.WriteLine($"openvla: warning: ignoring {Path.GetFileName(broken)}, a save that was interrupted; resuming from {Path.GetFileName(latest)}");
 
             var checkpoint = VlaCheckpoint.Open(basePath);
             ActionDecoding sampling = r.GetValue(decode) is { } d ? ActionDecoding.Parse(d)

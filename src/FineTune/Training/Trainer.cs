@@ -385,6 +385,13 @@ public sealed class Trainer : IDisposable
 
     public static string? LatestCheckpoint(string outputDirectory) => Checkpoints(outputDirectory).LastOrDefault();
 
+    /// <summary>Step directories a resume ignores: saves that were interrupted (a `.tmp` sibling, or no training state).</summary>
+    public static IReadOnlyList<string> IncompleteCheckpoints(string outputDirectory) =>
+        !Directory.Exists(outputDirectory) ? [] :
+        Directory.EnumerateDirectories(outputDirectory, "step-*")
+            .Where(d => d.EndsWith(".tmp") || !File.Exists(Path.Combine(d, StateDirName, StateFile)))
+            .Order(StringComparer.Ordinal).ToList();
+
     /// <summary>
     /// Continues from a checkpoint written by <see cref="Save"/>: trainable weights, AdamW state, step, elapsed time and the
     /// source's cursor. The options that shape the computation must match the saved ones; metrics logged after the
