@@ -210,12 +210,7 @@ internal static class FineTuneVerbs
             }
             string runDir = r.GetValue(outDir) ?? throw new UsageException("--out is required");
             if (r.GetValue(shuffle) < 1) throw new UsageException("--shuffle-buffer must be at least 1");
-            string? latest = Trainer.LatestCheckpoint(runDir);
-            if (r.GetValue(resume) && latest is null) throw new UsageException($"--resume: no checkpoint in {runDir}");
-            if (!r.GetValue(resume) && latest is not null) throw new UsageException($"{runDir} already holds {Path.GetFileName(latest)}; pass --resume to continue it or choose another --out");
-            if (r.GetValue(resume))
-                foreach (var broken in Trainer.IncompleteCheckpoints(runDir))
-                    Console.Error.WriteLine($"openvla: warning: ignoring {Path.GetFileName(broken)}, a save that was interrupted; resuming from {Path.GetFileName(latest)}");
+            string? latest = FineTuneVerbs.ResumePoint(runDir, r.GetValue(resume), "checkpoint");
             ProcessMemory.LimitHeapFragmentation();
 
             var checkpoint = VlaCheckpoint.Open(basePath);
@@ -459,6 +454,20 @@ internal static class FineTuneVerbs
         return list;
     }
 
+    /// <summary>
+    /// The checkpoint a run continues from: with --resume the latest complete one (saves that were interrupted are named
+    /// and ignored), without it none may exist yet. <paramref name="unit"/> names what a checkpoint is ("checkpoint", "completed iteration").
+    /// </summary>
+    internal static string? ResumePoint(string runDir, bool resume, string unit)
+    {
+        string? latest = Trainer.LatestCheckpoint(runDir);
+        if (resume && latest is null) throw new UsageException($"--resume: no {unit} in {runDir}");
+        if (!resume && latest is not null) throw new UsageException($"{runDir} already holds {Path.GetFileName(latest)}; pass --resume to continue it or choose another --out");
+        if (resume)
+            foreach (var broken in Trainer.IncompleteCheckpoints(runDir))
+                Console.Error.WriteLine($"openvla: warning: ignoring {Path.GetFileName(broken)}, a save that was interrupted; resuming from {Path.GetFileName(latest)}");
+        return latest;
+    }
 }
 
 

@@ -81,12 +81,7 @@ internal static class PostTrainVerbs
 
             string basePath = Path.GetFullPath(DefaultModel.Resolve(r.GetValue(baseDir), "--base"));
             string runDir = Path.GetFullPath(r.GetValue(outDir)!);
-            string? latest = Trainer.LatestCheckpoint(runDir);
-            if (r.GetValue(resume) && latest is null) throw new UsageException($"--resume: no completed iteration in {runDir}");
-            if (!r.GetValue(resume) && latest is not null) throw new UsageException($"{runDir} already holds {Path.GetFileName(latest)}; pass --resume to continue it or choose another --out");
-            if (r.GetValue(resume))
-                foreach (var broken in Trainer.IncompleteCheckpoints(runDir))
-                    Console.Error.WriteLine($"openvla: warning: ignoring {Path.GetFileName(broken)}, a save that was interrupted; resuming from {Path.GetFileName(latest)}");
+            string? latest = FineTuneVerbs.ResumePoint(runDir, r.GetValue(resume), "completed iteration");
 
             var checkpoint = VlaCheckpoint.Open(basePath);
             ActionDecoding sampling = r.GetValue(decode) is { } d ? ActionDecoding.Parse(d)
