@@ -35,7 +35,7 @@ internal static class BenchVerbs
             });
             Console.WriteLine($"fuzz-decode: {n} mutations of {seeds.Count} frames (seed {r.GetValue(seed)}) in {result.Elapsed.TotalSeconds:0.0} s " +
                               $"({n / result.Elapsed.TotalSeconds:0} frames/s): {result.Decoded} decoded, {result.Refused} refused, none escaped; " +
-                              $"resident memory {rss / 1e6:0} MB at start, {peak / 1e6:0} MB at most");
+                              $"resident memory {rss / 1e6:0} MB at start, {peak / 1e6:0} MB at most; one decode allocated at most {result.MaxManagedBytes / 1024} KB of managed memory");
             foreach (var frame in seeds)
             {
                 var header = OpenVLA.Policy.Preprocessing.ImageContainer.Validate(frame, limits);

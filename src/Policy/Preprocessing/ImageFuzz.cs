@@ -1,7 +1,9 @@
 namespace OpenVLA.Policy.Preprocessing;
 
 /// <summary>What a mutation run saw: how many frames decoded, how many were refused, and how the refusals read.</summary>
-public sealed record ImageFuzzResult(int Decoded, int Refused, IReadOnlyDictionary<string, int> Reasons, TimeSpan Elapsed);
+/// <param name="MaxManagedBytes">The most managed memory one decode allocated (this thread's allocations across the call):
+/// what a declared length or size could make the decode path reserve before refusing.</param>
+public sealed record ImageFuzzResult(int Decoded, int Refused, IReadOnlyDictionary<string, int> Reasons, TimeSpan Elapsed, long MaxManagedBytes);
 
 /// <summary>
 /// Mutation fuzzing of the one decode path: seeded random edits of valid frames must decode to an image within the limits
@@ -16,12 +18,14 @@ public static class ImageFuzz
         if (seeds.Count == 0) throw new ArgumentException("no seed images to mutate");
         var random = new Random(seed);
         int decoded = 0, refused = 0;
+        long maxManaged = 0;
         var reasons = new Dictionary<string, int>();
         var clock = System.Diagnostics.Stopwatch.StartNew();
         for (int i = 0; i < mutations; i++)
         {
             var source = seeds[random.Next(seeds.Count)];
             var (bytes, how) = Mutate(source, random);
+            long before = GC.GetAllocatedBytesForCurrentThread();
             try
             {
                 var image = ImageDecoder.Decode(bytes, limits);
@@ -41,9 +45,10 @@ public static class ImageFuzz
             {
                 throw new InvalidOperationException($"mutation {i} (seed {seed}, {how}) escaped as {e.GetType().Name}: {e.Message}", e);
             }
+            maxManaged = Math.Max(maxManaged, GC.GetAllocatedBytesForCurrentThread() - before);
             progress?.Invoke(i + 1);
         }
-        return new ImageFuzzResult(decoded, refused, reasons, clock.Elapsed);
+        return new ImageFuzzResult(decoded, refused, reasons, clock.Elapsed, maxManaged);
     }
 
     /// <summary>Two synthetic frames (a JPEG and a PNG of 224x224 gradients and noise) when the user gives none.</summary>

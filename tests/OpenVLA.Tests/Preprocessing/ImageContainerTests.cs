@@ -166,7 +166,7 @@ public class ImageContainerTests
     /// <summary>
     /// Thousands of seeded mutations (bit flips, byte runs, truncations, inserted and deleted bytes) of valid frames: each
     /// decodes to an image within the limits or is refused with a one-line <see cref="PolicyInputException"/>, never
-    /// another exception, and the process's memory stays bounded. `openvla fuzz-decode` runs the long version.
+    /// another exception, and no decode allocates more than its input warrants. `openvla fuzz-decode` runs the long version.
     /// </summary>
     [Fact]
     public void Mutated_frames_decode_or_are_refused_cleanly_with_bounded_memory()
@@ -174,17 +174,15 @@ public class ImageContainerTests
         using var scene = Scene(64, 48);
         var seeds = new[] { Encode(scene, ".jpg"), Encode(scene, ".png"), Encode(scene, ".jpg", new ImageEncodingParam(ImwriteFlags.JpegProgressive, 1)) };
         var limits = new ImageLimits(MaxSide: 1024, MaxPixels: 1024 * 1024);
-        GC.Collect();
-        long rssBefore = Environment.WorkingSet;
 
         var result = ImageFuzz.Run(seeds, mutations: 6000, seed: 11, limits);
 
-        GC.Collect();
-        long grown = Environment.WorkingSet - rssBefore;
         Assert.Equal(6000, result.Decoded + result.Refused);
         Assert.True(result.Refused > 3000, $"only {result.Refused} of 6000 mutations refused");
         Assert.True(result.Decoded > 100, $"only {result.Decoded} of 6000 mutations decoded (entropy-data flips should)");
-        Assert.True(grown < 64L << 20, $"resident memory grew by {grown >> 20} MB");
+        // Bounded by the input, not by what it declares: the frames are under 20 KB, a decode of 64x48 needs 9 KB of pixels,
+        // the zlib check a 64 KB buffer. (The process's resident memory is checked by `openvla fuzz-decode`, in a process of its own.)
+        Assert.True(result.MaxManagedBytes < 512 * 1024, $"one decode allocated {result.MaxManagedBytes} bytes");
     }
 
     static int IndexOfMarker(byte[] jpeg, byte marker)
