@@ -342,43 +342,58 @@ public static class ImageContainer
             return true;
         }
 
+        /// <summary>Entropy-coded bits, most significant first, with stuffed bytes (FF 00) undone; stops at any marker.</summary>
         ref struct BitReader(ReadOnlySpan<byte> data)
         {
             readonly ReadOnlySpan<byte> _data = data;
-            int _at, _bit = 8;
-            byte _current;
+            int _at, _count;        // next byte to load; valid bits in the buffer
+            ulong _buffer;          // the valid bits, aligned to bit 63
+            bool _stopped;          // a marker or the end was reached: nothing more loads until Restart
 
-            /// <summary>The next bit, or -1 where the data (or the interval before a restart marker) ends.</summary>
-            public int Next()
+            void Fill()
             {
-                if (_bit == 8)
+                while (_count <= 56 && !_stopped)
                 {
-                    if (_at >= _data.Length) return -1;
+                    if (_at >= _data.Length) { _stopped = true; break; }
                     byte b = _data[_at];
                     if (b == 0xFF)
                     {
-                        if (_at + 1 >= _data.Length || _data[_at + 1] != 0x00) return -1;   // a marker: no more bits here
+                        if (_at + 1 >= _data.Length || _data[_at + 1] != 0x00) { _stopped = true; break; }   // a marker
                         _at += 2;
                     }
                     else _at++;
-                    _current = b;
-                    _bit = 0;
+                    _buffer |= (ulong)b << (56 - _count);
+                    _count += 8;
                 }
-                return (_current >> (7 - _bit++)) & 1;
             }
 
-            public bool Skip(int count)
+            /// <summary>The next <paramref name="n"/> (1..16) bits without taking them, or -1 where fewer remain.</summary>
+            public int Peek(int n)
             {
-                for (int i = 0; i < count; i++)
-                    if (Next() < 0) return false;
+                if (_count < n) Fill();
+                return _count < n ? -1 : (int)(_buffer >> (64 - n));
+            }
+
+            public void Take(int n)
+            {
+                _buffer <<= n;
+                _count -= n;
+            }
+
+            public bool Skip(int n)
+            {
+                if (n == 0) return true;
+                if (Peek(n) < 0) return false;
+                Take(n);
                 return true;
             }
 
-            /// <summary>Drops the partial byte and steps over the restart marker that must come next.</summary>
+            /// <summary>Drops the padding of the last byte and steps over the restart marker that must come next.</summary>
             public bool Restart()
             {
-                _bit = 8;
-                while (_at < _data.Length && _data[_at] == 0xFF && _at + 1 < _data.Length && _data[_at + 1] == 0xFF) _at++;
+                if (_count >= 8) return false;          // whole bytes of data left before the marker
+                (_buffer, _count, _stopped) = (0, 0, false);
+                while (_at + 1 < _data.Length && _data[_at] == 0xFF && _data[_at + 1] == 0xFF) _at++;
                 if (_at + 1 >= _data.Length || _data[_at] != 0xFF || _data[_at + 1] is < 0xD0 or > 0xD7) return false;
                 _at += 2;
                 return true;
@@ -387,8 +402,10 @@ public static class ImageContainer
 
         sealed class Huffman
         {
+            const int LookupBits = 9;
             readonly int[] _maxCode = new int[18], _offset = new int[17];
             readonly byte[] _values;
+            readonly ushort[] _lookup = new ushort[1 << LookupBits];   // (length << 8) | value for codes of ≤ 9 bits; 0: longer
 
             Huffman(ReadOnlySpan<byte> counts, ReadOnlySpan<byte> values)
             {
@@ -397,11 +414,16 @@ public static class ImageContainer
                 for (int length = 1; length <= 16; length++)
                 {
                     int n = counts[length - 1];
+                    if (code + n > 1 << length) throw Bad("corrupt JPEG image: a Huffman table with more codes than its lengths allow");
                     _offset[length] = k - code;
+                    for (int i = 0; i < n && length <= LookupBits; i++)
+                    {
+                        int first = (code + i) << (LookupBits - length), last = (code + i + 1) << (LookupBits - length);
+                        for (int j = first; j < last; j++) _lookup[j] = (ushort)(length << 8 | _values[k + i]);
+                    }
                     code += n;
                     k += n;
                     _maxCode[length] = n == 0 ? -1 : code - 1;
-                    if (code > 1 << length) throw Bad("corrupt JPEG image: a Huffman table with more codes than its lengths allow");
                     code <<= 1;
                 }
                 _maxCode[17] = int.MaxValue;
@@ -425,13 +447,21 @@ public static class ImageContainer
 
             public int Decode(ref BitReader bits)
             {
-                int code = 0;
+                int ahead = bits.Peek(LookupBits);
+                if (ahead >= 0 && _lookup[ahead] is var entry and not 0)
+                {
+                    bits.Take(entry >> 8);
+                    return entry & 0xFF;
+                }
                 for (int length = 1; length <= 16; length++)
                 {
-                    int bit = bits.Next();
-                    if (bit < 0) return -1;
-                    code = (code << 1) | bit;
-                    if (code <= _maxCode[length]) return _values[code + _offset[length]];
+                    int code = bits.Peek(length);
+                    if (code < 0) return -1;
+                    if (code <= _maxCode[length])
+                    {
+                        bits.Take(length);
+                        return _values[code + _offset[length]];
+                    }
                 }
                 return -1;  // no code of 16 bits or fewer matches: corrupt data
             }
