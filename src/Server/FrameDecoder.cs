@@ -19,11 +19,8 @@ internal static class FrameDecoder
         {
             case ImageEncoding.RawRgb8:
             {
-                limits.Check(image.Width, image.Height, "raw RGB8");
-                long expected = (long)image.Width * image.Height * 3;
-                if (data.Length != expected)
-                    throw Invalid($"raw RGB8 image of {image.Width}x{image.Height} needs {expected} bytes, got {data.Length}");
-                return ImageDecoder.FromRaw(data.ToArray(), (int)image.Width, (int)image.Height, limits);
+                limits.Check(image.Width, image.Height, "raw RGB8");   // on the unsigned sizes, before they become ints
+                return ImageDecoder.FromRaw(data.ToArray(), (int)image.Width, (int)image.Height, limits);   // checks the byte count
             }
             case ImageEncoding.Jpeg:
             case ImageEncoding.Png:

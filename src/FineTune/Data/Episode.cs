@@ -42,14 +42,6 @@ public static class ImageCodec
         catch (PolicyInputException e) { throw new DatasetException($"a frame of {encoded.Length} bytes cannot be used: {e.Message}"); }
     }
 
-    internal static RgbImage FromBgr(Mat bgr)
-    {
-        using var rgb = new Mat();
-        Cv2.CvtColor(bgr, rgb, ColorConversionCodes.BGR2RGB);
-        var pixels = new byte[rgb.Rows * rgb.Cols * 3];
-        System.Runtime.InteropServices.Marshal.Copy(rgb.Data, pixels, 0, pixels.Length); // a fresh Mat is continuous
-        return new RgbImage(rgb.Cols, rgb.Rows, pixels);
-    }
 
     /// <summary>PNG bytes of an RGB image (lossless; used by writers and tests).</summary>
     public static byte[] EncodePng(RgbImage image) => Encode(image, ".png");

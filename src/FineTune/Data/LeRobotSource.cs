@@ -1,3 +1,4 @@
+using OpenVLA.Policy.Preprocessing;
 using System.Text.Json;
 using System.Text.RegularExpressions;
 using OpenCvSharp;
@@ -212,7 +213,7 @@ internal sealed partial class LeRobotSource : IEpisodeSource
                 throw new DatasetException($"video {path} ends after {f} frames (or its codec cannot be decoded by OpenCV's FFmpeg) but frame {last} is needed at {_fps} fps");
             if (byIndex.TryGetValue(f, out var rows))
             {
-                var frame = Frame.FromPixels(ImageCodec.FromBgr(mat));
+                var frame = Frame.FromPixels(ImageDecoder.FromBgr(mat));
                 foreach (int row in rows) frames[row] = frame;
             }
         }

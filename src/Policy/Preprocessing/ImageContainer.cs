@@ -65,10 +65,10 @@ public static class ImageContainer
     {
         public static ImageHeader Validate(ReadOnlySpan<byte> data, ImageLimits limits)
         {
-            int p = 8, idatChunks = 0;
+            int p = 8;
             bool ended = false, palette = false, idatDone = false;
             (uint Width, uint Height, int Depth, int Color, int Interlace)? ihdr = null;
-            long compressed = 0;
+            var idat = new List<(int At, int Length)>();   // the IDAT chunks' data, in order
             while (!ended)
             {
                 if (data.Length - p < 12)
@@ -96,8 +96,7 @@ public static class ImageContainer
                         break;
                     case "IDAT":
                         if (idatDone) throw Bad("corrupt PNG image: its IDAT chunks are not consecutive");
-                        idatChunks++;
-                        compressed += length;
+                        idat.Add((p + 8, (int)length));
                         break;
                     case "IEND":
                         ended = true;
@@ -106,13 +105,13 @@ public static class ImageContainer
                         if ((type[0] & 0x20) == 0) throw Bad($"PNG image has an unknown critical chunk {name}");
                         break;
                 }
-                if (idatChunks > 0 && name != "IDAT") idatDone = true;
+                if (idat.Count > 0 && name != "IDAT") idatDone = true;
                 p += 12 + (int)length;
             }
             var h = ihdr!.Value;
-            if (idatChunks == 0) throw Bad("PNG image has no image data (no IDAT chunk)");
+            if (idat.Count == 0) throw Bad("PNG image has no image data (no IDAT chunk)");
             if (h.Color == 3 && !palette) throw Bad("corrupt PNG image: a palette image without a PLTE chunk");
-            CheckImageData(data, h.Width, h.Height, h.Depth, h.Color, h.Interlace, compressed);
+            CheckImageData(data, idat, h.Width, h.Height, h.Depth, h.Color, h.Interlace);
             return new ImageHeader(ImageFormat.Png, (int)h.Width, (int)h.Height);
         }
 
@@ -134,7 +133,7 @@ public static class ImageContainer
         }
 
         /// <summary>The zlib stream of the IDAT chunks must inflate to at least the bytes the header implies.</summary>
-        static void CheckImageData(ReadOnlySpan<byte> data, uint width, uint height, int depth, int color, int interlace, long compressed)
+        static void CheckImageData(ReadOnlySpan<byte> data, List<(int At, int Length)> idat, uint width, uint height, int depth, int color, int interlace)
         {
             int channels = color switch { 0 or 3 => 1, 4 => 2, 2 => 3, _ => 4 };
             long bitsPerPixel = (long)channels * depth;
@@ -144,20 +143,18 @@ public static class ImageContainer
                 foreach (var (x0, y0, dx, dy) in Adam7)
                     expected += Scanlines((width + (uint)(dx - x0 - 1)) / (uint)dx, (height + (uint)(dy - y0 - 1)) / (uint)dy, bitsPerPixel);
 
-            var idat = new byte[compressed];
-            int at = 0;
-            for (int p = 8; ;)
+            var compressed = new byte[idat.Sum(c => (long)c.Length)];
+            int copied = 0;
+            foreach (var (at, length) in idat)
             {
-                int length = (int)BinaryPrimitives.ReadUInt32BigEndian(data[p..]);
-                if (data.Slice(p + 4, 4).SequenceEqual("IDAT"u8)) { data.Slice(p + 8, length).CopyTo(idat.AsSpan(at)); at += length; }
-                else if (data.Slice(p + 4, 4).SequenceEqual("IEND"u8)) break;
-                p += 12 + length;
+                data.Slice(at, length).CopyTo(compressed.AsSpan(copied));
+                copied += length;
             }
             long inflated = 0;
             var buffer = new byte[65536];
             try
             {
-                using var z = new ZLibStream(new MemoryStream(idat), CompressionMode.Decompress);
+                using var z = new ZLibStream(new MemoryStream(compressed), CompressionMode.Decompress);
                 for (int n; inflated < expected && (n = z.Read(buffer, 0, (int)Math.Min(buffer.Length, expected - inflated))) > 0;) inflated += n;
             }
             catch (InvalidDataException)

@@ -20,6 +20,12 @@ public static class ImageDecoder
         using var bgr = DecodeWithOpenCv(encoded, header.Name);
         if (bgr.Width != header.Width || bgr.Height != header.Height)
             throw new PolicyInputException($"corrupt {header.Name} image: header says {header.Width}x{header.Height}, decoded {bgr.Width}x{bgr.Height}");
+        return FromBgr(bgr);
+    }
+
+    /// <summary>An 8-bit, 3-channel OpenCV image (BGR, as OpenCV decodes) as RGB pixels, rows top to bottom.</summary>
+    public static RgbImage FromBgr(Mat bgr)
+    {
         using var rgb = new Mat();
         Cv2.CvtColor(bgr, rgb, ColorConversionCodes.BGR2RGB);
         int width = rgb.Width, height = rgb.Height;
