@@ -7,6 +7,7 @@ using OpenVLA.FineTune.Training;
 using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
 using OpenVLA.Policy.Model;
+using OpenVLA.Policy.Preprocessing;
 using OpenVLA.Policy.Quantization;
 using OpenVLA.Policy.Tokenization;
 using TorchSharp;
@@ -151,9 +152,15 @@ internal static class FineTuneVerbs
         {
             Description = "cameras, comma-separated, third-person first (e.g. observation.images.image,observation.images.wrist_image); default: the dataset config's",
         };
+        var visionCache = new Option<int>("--vision-cache")
+        {
+            Description = "freeze the vision towers and run them once: N passes over the training frames (each with its own augmentation draw) are encoded " +
+                          "up front and kept in memory as float16 features, and the steps train projector, language model and heads on them (implies --freeze-vision; not for FiLM)",
+            DefaultValueFactory = _ => 0,
+        };
         var cmd = new Command("finetune", "Fine-tune an OpenVLA checkpoint with LoRA (or train it in full) on a robot dataset.")
             { baseDir, dataset, datasetConfig, datasetFormat, datasetWeights, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, randomShift, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys,
-              oft, actionChunk, proprio, imageKeys };
+              oft, actionChunk, proprio, imageKeys, visionCache };
         training.AddTo(cmd);
         cmd.SetAction(r =>
         {
@@ -164,6 +171,9 @@ internal static class FineTuneVerbs
                 // An OFT run always writes the merged model: that directory (with the head files) is what predict loads.
                 Merge = r.GetValue(merge) || trainOft, KeepCheckpoints = r.GetValue(keep), AuxWeight = r.GetValue(auxWeight),
             };
+            int cachePasses = r.GetValue(visionCache);
+            if (cachePasses < 0) throw new UsageException($"--vision-cache must be 0 (off) or a number of passes, not {cachePasses}");
+            if (cachePasses > 0) options = options with { FreezeVision = true };
             int chunk = r.GetValue(actionChunk) ?? 8;
             if (!trainOft && (r.GetValue(proprio) || r.GetValue(actionChunk) is not null))
                 throw new UsageException("--action-chunk and --proprio train OpenVLA-OFT models: add --oft");
@@ -242,7 +252,7 @@ internal static class FineTuneVerbs
                 Augmentation = r.GetValue(imageAug) ? ImageAugmentation.OpenVla : shift > 0 ? new RandomShift(shift) : null,
                 DatasetWeights = mixture, ActionChunk = streamChunk,
             };
-            var source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
+            IExampleSource source = new StreamExampleSource(cursor => new TrainingStream(data, split.Train, stats, streamOptions, cursor));
             var heldOutExamples = StreamExampleSource.HeldOut(data, split.HeldOut, stats, imageSize, options.EvalExamples, options.Seed, streamChunk);
             var statistics = JsonNode.Parse(DatasetStatistics.ToJson([stats]))!.AsObject();
             Console.Error.WriteLine($"finetune: {data.Name} ({data.Format}{(datasetPaths.Length > 1 ? $", {datasetPaths.Length} datasets" : "")}" +
@@ -263,12 +273,15 @@ internal static class FineTuneVerbs
                     throw new UsageException($"the base's OFT head predicts chunks of {spec.ActionChunk}×{spec.ActionDim} from {spec.NumImages} camera(s) and a {spec.ProprioDim}-D proprio; these options ask for {chunk}×{stats.Action.Dim}, {cameras}, {proprioDim}");
                 if (spec.UseFilm) throw new UsageException("training FiLM models is not supported yet");
             }
+            if (cachePasses > 0 && options.AuxWeight > 0) throw new UsageException("--vision-cache and --aux-weight: the aux head trains the towers it reads; drop one");
             using var model = new OpenVlaModel(checkpoint.Config, new ModelPrecision(dtype, training.TorchDevice(r)), spec);
             WeightLoader.Load(model, checkpoint, training.Quantization(r), spec is null ? null : OpenVlaModel.IsOftComponent);
             if (baseOft is not null) baseOft.Fill(model, []);
             else if (spec is not null) OftWeights.InitializeNew(model, new torch.Generator(options.Seed ^ 0x0F7));
             using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics, stats.Aux);
             stats.SaveTo(runDir);
+            using var cache = cachePasses == 0 ? null : CacheVision(model, checkpoint, data, split.Train, stats, streamOptions, spec?.NumImages ?? 1, cachePasses, options.Seed);
+            if (cache is not null) source = new InMemoryExampleSource(cache.Examples, options.Seed);
             if (latest is not null && r.GetValue(resume))
             {
                 trainer.Resume(latest, source);
@@ -322,6 +335,25 @@ internal static class FineTuneVerbs
             return CliExit.Ok;
         });
         return cmd;
+    }
+
+    /// <summary>
+    /// --vision-cache: the towers' features of <paramref name="passes"/> full passes over the training episodes, pass p
+    /// streamed with seed + p (its own order and augmentation draw); a resumed run rebuilds the same cache.
+    /// </summary>
+    static VisionFeatureCache CacheVision(OpenVlaModel model, VlaCheckpoint checkpoint, VlaDataset data, IReadOnlyList<int> episodes, DatasetStatistics stats,
+        StreamOptions streamOptions, int cameras, int passes, ulong seed)
+    {
+        long total = new TrainingStream(data, episodes, stats, streamOptions).SamplesPerEpoch * passes;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var examples = Enumerable.Range(0, passes).SelectMany(p =>
+            new TrainingStream(data, episodes, stats, streamOptions with { Repeat = false, Seed = seed + (ulong)p }).Select(StreamExampleSource.ToExample));
+        VisionFeatureCache cache;
+        using (var progress = new ConsoleProgress($"finetune: caching vision features of {total} frames ({passes} pass(es))"))
+            cache = VisionFeatureCache.Build(model, ImagePreprocessor.ForCheckpoint(checkpoint), examples, cameras, progress: done => progress.Report((double)done / total));
+        Console.Error.WriteLine($"finetune: vision cache {cache.Rows} rows, {cache.Bytes / 1e9:0.00} GB float16 (max |feature| {cache.MaxAbs:0.#}), " +
+                                $"{clock.Elapsed.TotalSeconds:0} s, {cache.Rows / Math.Max(clock.Elapsed.TotalSeconds, 1e-9):0} frames/s");
+        return cache;
     }
 
     static Command Merge()

@@ -117,6 +117,8 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
     public long PeakResidentFrames { get; private set; }
 
     public int Epoch => _epoch;
+    /// <summary>Samples in one pass over the episodes (each episode's steps less the last chunk − 1).</summary>
+    public long SamplesPerEpoch => _episodes.Sum(e => (long)Usable(e));
     public StreamCursor Cursor => new(_epoch, _position, _options.Seed, _bufferSize, _options.Shuffle, _fingerprint);
 
     /// <param name="episodes">Episode numbers to stream, e.g. <see cref="DatasetSplit.Train"/>.</param>

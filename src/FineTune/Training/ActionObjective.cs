@@ -98,7 +98,8 @@ public sealed class ActionObjective
                 if (i >= rows[r].Length - targets) labels[r * t + i] = rows[r][i];
             }
         }
-        var pixels = _preprocessor.PreprocessBatch(examples.Select(e => e.Image).ToList(), centerCrop: false, device, dtype);
+        var pixels = VisionFeatureCache.Gather(examples, device, dtype)
+                     ?? _preprocessor.PreprocessBatch(examples.Select(e => e.Image).ToList(), centerCrop: false, device, dtype);
         return new TrainingBatch(pixels, tensor(ids, [b, t], device: device), tensor(labels, [b, t], device: device),
             tensor(valid, [b, t], device: device), rows.Select(r => r.Length).ToArray());
     }

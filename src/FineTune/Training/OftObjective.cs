@@ -11,7 +11,7 @@ namespace OpenVLA.FineTune.Training;
 /// <summary>A batch of OpenVLA-OFT training rows, on the model's device.</summary>
 public sealed class OftBatch(Tensor pixels, Tensor ids, Tensor placeholder, Tensor valid, int[] promptLengths, Tensor? proprio, Tensor targets) : IDisposable
 {
-    /// <summary>[B, 6·cameras, H, W] in the model's dtype.</summary>
+    /// <summary>[B, 6·cameras, H, W] in the model's dtype, or the towers' cached features [B, cameras·patches, vision dim].</summary>
     public Tensor Pixels { get; } = pixels;
     public Tensor Ids { get; } = ids;
     public Tensor Placeholder { get; } = placeholder;
@@ -50,6 +50,7 @@ public sealed class OftObjective(PolicyCore core, VlaTokenizer tokenizer, ImageP
         int k = spec.ActionChunk, a = spec.ActionDim;
         var targets = new float[examples.Count * k * a];
         var images = new List<RgbImage>();
+        var cached = VisionFeatureCache.Gather(examples, device, dtype);
         for (int b = 0; b < examples.Count; b++)
         {
             var e = examples[b];
@@ -57,6 +58,7 @@ public sealed class OftObjective(PolicyCore core, VlaTokenizer tokenizer, ImageP
             if (chunk.Length != k || chunk.Any(s => s.Length != a))
                 throw new ArgumentException($"an example's chunk is {chunk.Length}×{chunk.FirstOrDefault()?.Length}, the model predicts {k}×{a}");
             for (int t = 0; t < k; t++) chunk[t].CopyTo(targets, (b * k + t) * a);
+            if (cached is not null) continue;
             if (e.ExtraImages.Count != spec.NumImages - 1)
                 throw new ArgumentException($"the model takes {spec.NumImages} cameras, an example has {1 + e.ExtraImages.Count} (name them with --image-keys)");
             images.Add(e.Image);
@@ -78,7 +80,7 @@ public sealed class OftObjective(PolicyCore core, VlaTokenizer tokenizer, ImageP
         var (h, w) = preprocessor.Config.OutputSize;
         long[] shape = [examples.Count, layout.Length];
         return new OftBatch(
-            tensor(preprocessor.PixelArray(images), [examples.Count, 6L * spec.NumImages, h, w]).to(dtype, device),
+            cached ?? tensor(preprocessor.PixelArray(images), [examples.Count, 6L * spec.NumImages, h, w]).to(dtype, device),
             tensor(layout.Ids, shape, device: device), tensor(layout.Placeholder, shape, device: device), tensor(layout.Valid, shape, device: device),
             prompts.Select(p => p.Length).ToArray(),
             proprio is null ? null : tensor(proprio, [examples.Count, spec.ProprioDim], device: device),

@@ -16,6 +16,9 @@ public sealed record TrainingExample(RgbImage Image, string Instruction, float[]
     /// <summary>The action as the token ids themselves (post-training's sampled tokens), instead of binning
     /// <see cref="NormalizedAction"/>: a token's id is what its log-probability is about.</summary>
     public int[]? ActionTokenIds { get; init; }
+    /// <summary>The frames' vision features, computed once by frozen towers (<see cref="VisionFeatureCache"/>); the
+    /// frames themselves are then <see cref="VisionFeatureCache.NoImage"/>.</summary>
+    public VisionFeatureRow? Vision { get; init; }
 }
 
 /// <summary>

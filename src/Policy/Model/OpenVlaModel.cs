@@ -49,9 +49,19 @@ public sealed class OpenVlaModel : nn.Module
 
     /// <summary>pixel_values [B, 6·cameras, H, W] → projected image tokens [B, cameras·numPatches, llm hidden];
     /// <paramref name="language"/> [B, llm] is the average language embedding FiLM towers need.</summary>
+    /// <remarks>A 3-D input is the fused backbone's output itself, [B, cameras·numPatches, vision dim], computed earlier
+    /// by frozen towers (fine-tuning's vision cache): only the projector runs. FiLM towers depend on the instruction, so
+    /// their features cannot be computed ahead.</remarks>
     public Tensor EncodeImages(Tensor pixelValues, Tensor? language = null)
     {
         using var scope = NewDisposeScope();
+        if (pixelValues.dim() == 3)
+        {
+            if (language is not null) throw new InvalidOperationException("FiLM vision towers need pixels, not precomputed features");
+            if (pixelValues.shape[2] != Config.VisionDim || pixelValues.shape[1] % Config.NumPatches != 0)
+                throw new ArgumentException($"precomputed vision features must be [B, cameras·{Config.NumPatches}, {Config.VisionDim}], got [{string.Join(", ", pixelValues.shape)}]");
+            return projector.forward(pixelValues.to(Precision.DType)).MoveToOuterDisposeScope();
+        }
         return projector.forward(vision_backbone.Forward(pixelValues, language)).MoveToOuterDisposeScope();
     }
 

@@ -1,6 +1,10 @@
 using System.Text.Json.Nodes;
 using OpenVLA.FineTune.Data;
+using OpenVLA.FineTune.Training;
+using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
+using OpenVLA.Policy.Preprocessing;
+using ActionNormalizer = OpenVLA.FineTune.Data.ActionNormalizer;
 using OpenVLA.Tests.FineTune;
 using TorchSharp;
 
@@ -174,5 +178,85 @@ public class OftTrainingTests
         using var p0 = before.Load("projector.fc1.weight");
         using var p1 = after.Load("projector.fc1.weight");
         Assert.False(p0.eq(p1).all().item<bool>(), "the projector should train");
+    }
+
+    [Fact]
+    public void Cached_vision_features_give_the_chunks_the_frames_give()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp["base"], "oft-tiny", 3, torch.ScalarType.Float32);
+        using var policy = VlaPolicy.Load(tmp["base"]);
+        var model = policy.Model;
+        var spec = model.Oft!;
+        var objective = OftObjective.ForCheckpoint(policy.Checkpoint, policy.Tokenizer, spec);
+        var rng = new Random(5);
+        RgbImage Frame() { var px = new byte[40 * 40 * 3]; rng.NextBytes(px); return new RgbImage(40, 40, px); }
+        float[] Values(int n) => Enumerable.Range(0, n).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
+        var examples = Enumerable.Range(0, 7).Select(i => new TrainingExample(Frame(), i % 2 == 0 ? "pick up the cube" : "push the block left", Values(spec.ActionDim), "toy")
+        {
+            ExtraImages = Enumerable.Range(1, spec.NumImages - 1).Select(_ => Frame()).ToArray(),
+            NormalizedChunk = Enumerable.Range(0, spec.ActionChunk).Select(_ => Values(spec.ActionDim)).ToArray(),
+            NormalizedProprio = spec.ProprioDim > 0 ? Values(spec.ProprioDim) : null,
+        }).ToList();
+
+        using var cache = VisionFeatureCache.Build(model, ImagePreprocessor.ForCheckpoint(policy.Checkpoint), examples, spec.NumImages, batchSize: 3);
+        Assert.Equal(7, cache.Rows);
+        Assert.Equal(7L * spec.NumImages * model.Config.NumPatches * model.Config.VisionDim * 2, cache.Bytes);
+        Assert.All(cache.Examples, e => Assert.Same(VisionFeatureCache.NoImage, e.Image));
+        Assert.Equal(examples.Select(e => e.Instruction), cache.Examples.Select(e => e.Instruction));
+
+        using var noGrad = torch.no_grad();
+        using var frames = objective.Build(examples, torch.CPU, torch.ScalarType.Float32);
+        using var cached = objective.Build(cache.Examples, torch.CPU, torch.ScalarType.Float32);
+        Assert.Equal(3, cached.Pixels.dim());
+        using var fromFrames = model.PredictChunk(frames.Pixels, frames.Ids, frames.Placeholder, frames.Valid, frames.PromptLengths, frames.Proprio);
+        using var fromCache = model.PredictChunk(cached.Pixels, cached.Ids, cached.Placeholder, cached.Valid, cached.PromptLengths, cached.Proprio);
+        // The only difference is float16 storage of the features (11 significant bits).
+        double scale = fromFrames.abs().max().item<float>();
+        double diff = (fromFrames - fromCache).abs().max().item<float>();
+        Assert.True(diff <= 2e-3 * Math.Max(scale, 1), $"cached features moved the chunk by {diff} (scale {scale})");
+        Assert.Equal(objective.Forward(model, frames).Value, objective.Forward(model, cached).Value, 3);
+
+        // A batch that mixes cached rows and frames is refused, not half-read.
+        Assert.Throws<ArgumentException>(() => objective.Build([examples[0], cache.Examples[1]], torch.CPU, torch.ScalarType.Float32));
+        Assert.Throws<ArgumentException>(() => objective.Build([cache.Examples[0], examples[1]], torch.CPU, torch.ScalarType.Float32));
+    }
+
+    [Fact]
+    public void Finetune_with_a_vision_cache_trains_keeps_the_towers_and_resumes_exactly()
+    {
+        using var tmp = new TestPaths.TempDir();
+        CheckpointMaker.Write(tmp["base"], "tiny", 3, torch.ScalarType.Float32);
+        TestDatasets.WriteLeRobot(tmp["data"], [9, 9, 9, 9, 9, 9, 9, 9], wrist: true);
+        string[] Cached(string run, int steps) => [.. Common(tmp, tmp["data"], run), "--vision-cache", "2", "--max-steps", steps.ToString()];
+
+        var straight = CliRunner.Run(Cached("a", 12));
+        Assert.True(straight.ExitCode == 0, straight.Stderr);
+        // 6 training episodes of 9 steps, chunks of 4: 6 samples each, two passes.
+        Assert.Contains("vision cache 72 rows", straight.Stderr);
+        Assert.Equal(0, CliRunner.Run(Cached("b", 6)).ExitCode);
+        var resumed = CliRunner.Run([.. Cached("b", 12), "--resume"]);
+        Assert.True(resumed.ExitCode == 0, resumed.Stderr);
+
+        static List<JsonNode> Log(string run, string split) => File.ReadAllLines(Path.Combine(run, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!)
+            .Where(e => e["split"]!.GetValue<string>() == split).ToList();
+        Assert.Equal(Log(tmp["a"], "train").Select(e => e["loss"]!.GetValue<double>()), Log(tmp["b"], "train").Select(e => e["loss"]!.GetValue<double>()));
+        Assert.Equal(Log(tmp["a"], "train").Select(e => e["grad_norm"]!.GetValue<double>()), Log(tmp["b"], "train").Select(e => e["grad_norm"]!.GetValue<double>()));
+        var evals = Log(tmp["a"], "eval");   // held out from frames, through the towers
+        Assert.True(evals[^1]["l1_loss"]!.GetValue<double>() < evals[0]["l1_loss"]!.GetValue<double>(), "held-out L1 did not fall");
+
+        string model = Path.Combine(JsonNode.Parse(straight.Stdout)!["checkpoint"]!.GetValue<string>(), "model");
+        using var before = SafetensorsFile.Open(Path.Combine(tmp["base"], "model.safetensors"));
+        using var after = SafetensorsFile.Open(Path.Combine(model, "model.safetensors"));
+        foreach (var (name, trains) in new[] { ("vision_backbone.featurizer.blocks.0.attn.qkv.weight", false), ("projector.fc1.weight", true) })
+        {
+            using var a = before.Load(name);
+            using var b = after.Load(name);
+            Assert.True(a.eq(b).all().item<bool>() != trains, $"{name} {(trains ? "did not train" : "changed")}");
+        }
+
+        var bad = CliRunner.Run([.. Common(tmp, tmp["data"], "c"), "--vision-cache=-1", "--max-steps", "2"]);
+        Assert.Equal(2, bad.ExitCode);
+        Assert.Contains("--vision-cache must be 0", bad.Stderr);
     }
 }
