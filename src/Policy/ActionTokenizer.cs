@@ -89,6 +89,27 @@ public static class ActionNormalizer
         return n;
     }
 
+    /// <summary>
+    /// The training pipeline's BOUNDS_Q99 rule (prismatic/vla/datasets/rlds/utils/data_utils.py
+    /// normalize_action_and_proprio, for actions and proprio alike): where mask, n = clip(2(x − q01)/(q99 − q01 + 1e-8) − 1,
+    /// −1, 1); elsewhere n = x; then every dim whose min equals its max → 0. In float32, like the reference's TensorFlow graph.
+    /// </summary>
+    /// <remarks>Inference normalizes proprio with <see cref="Normalize"/> instead, as openvla-oft's normalize_proprio does:
+    /// it clips every dim and has no min == max rule, so a constant proprio dim is 0 in training and −1 at inference in the
+    /// reference too. We keep both rules where the reference defines them.</remarks>
+    public static float[] NormalizeForTraining(float[] values, float[] q01, float[] q99, float[] min, float[] max, bool[]? mask)
+    {
+        if (values.Length != q01.Length) throw new ArgumentException($"vector has {values.Length} dims, statistics have {q01.Length}");
+        var n = new float[values.Length];
+        for (int i = 0; i < n.Length; i++)
+        {
+            float x = values[i];
+            if (mask is null || mask[i]) x = Math.Clamp(2f * (x - q01[i]) / (q99[i] - q01[i] + 1e-8f) - 1f, -1f, 1f);
+            n[i] = min[i] == max[i] ? 0f : x;
+        }
+        return n;
+    }
+
     static (double[] Low, double[] High) Bounds(ActionStats stats, BoundsNormalization bounds) => bounds switch
     {
         BoundsNormalization.Q99 => (stats.Q01, stats.Q99),

@@ -10,6 +10,10 @@ public sealed record ArrayStatistics(float[] Mean, float[] Std, float[] Max, flo
 {
     public int Dim => Mean.Length;
 
+    /// <summary>These statistics' values normalized as the training pipeline does
+    /// (<see cref="OpenVLA.Policy.ActionNormalizer.NormalizeForTraining"/>).</summary>
+    public float[] Normalize(float[] values) => OpenVLA.Policy.ActionNormalizer.NormalizeForTraining(values, Q01, Q99, Min, Max, Mask);
+
     /// <summary>
     /// The reference's numbers over rows [N][D]: mean, population std (numpy ddof=0), min, max and <c>np.quantile(x, 0.01/0.99,
     /// axis=0)</c> with numpy's default linear interpolation (h = (N−1)·q, x[⌊h⌋] + (h−⌊h⌋)·(x[⌊h⌋+1] − x[⌊h⌋])). Sums are in
@@ -160,41 +164,5 @@ public sealed record DatasetStatistics(string DatasetName, ArrayStatistics Actio
         float[] F(string k) => e.GetProperty(k).EnumerateArray().Select(x => x.GetSingle()).ToArray();
         bool[]? mask = e.TryGetProperty("mask", out var m) ? m.EnumerateArray().Select(x => x.GetBoolean()).ToArray() : null;
         return new ArrayStatistics(F("mean"), F("std"), F("max"), F("min"), F("q01"), F("q99"), mask);
-    }
-}
-
-/// <summary>
-/// BOUNDS_Q99 normalization of actions for training (reference: data_utils.py normalize_action_and_proprio):
-/// where mask, n = clip(2(x − q01)/(q99 − q01 + 1e-8) − 1, −1, 1); elsewhere n = x; then every dim with min == max → 0.
-/// Computed in float32 like the reference's TensorFlow graph.
-/// </summary>
-public sealed class ActionNormalizer
-{
-    private readonly ArrayStatistics _stats;
-    private readonly bool[] _mask;
-
-    public ActionNormalizer(ArrayStatistics actionStatistics)
-    {
-        _stats = actionStatistics;
-        _mask = actionStatistics.Mask ?? Enumerable.Repeat(true, actionStatistics.Dim).ToArray();
-    }
-
-    public int Dim => _stats.Dim;
-
-    public float[] Normalize(float[] action)
-    {
-        if (action.Length != _stats.Dim) throw new ArgumentException($"action has {action.Length} dims, statistics have {_stats.Dim}");
-        var n = new float[action.Length];
-        for (int i = 0; i < n.Length; i++)
-        {
-            float x = action[i];
-            if (_mask[i])
-            {
-                float low = _stats.Q01[i], high = _stats.Q99[i];
-                x = Math.Clamp(2f * (x - low) / (high - low + 1e-8f) - 1f, -1f, 1f);
-            }
-            n[i] = _stats.Min[i] == _stats.Max[i] ? 0f : x;
-        }
-        return n;
     }
 }

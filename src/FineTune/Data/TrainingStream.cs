@@ -89,8 +89,8 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
 {
     private readonly VlaDataset _dataset;
     private readonly int[] _episodes;
-    private readonly ActionNormalizer _normalizer;
-    private readonly ActionNormalizer? _proprioNormalizer;
+    private readonly ArrayStatistics _action;
+    private readonly ArrayStatistics? _proprio;
     private readonly StreamOptions _options;
     private readonly int _bufferSize;
     private readonly string _fingerprint;
@@ -135,9 +135,9 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         _episodes = episodes.Order().ToArray();
         foreach (int e in _episodes)
             if (e < 0 || e >= dataset.EpisodeCount) throw new DatasetException($"{dataset.Name}: episode {e} does not exist ({dataset.EpisodeCount} episodes)");
-        _normalizer = new ActionNormalizer(statistics.Action);
-        _proprioNormalizer = statistics.Proprio.Dim > 0 && statistics.Proprio.Q99.Zip(statistics.Proprio.Q01).Any(p => p.First != p.Second)
-            ? new ActionNormalizer(statistics.Proprio) : null;
+        _action = statistics.Action;
+        _proprio = statistics.Proprio.Dim > 0 && statistics.Proprio.Q99.Zip(statistics.Proprio.Q01).Any(p => p.First != p.Second)
+            ? statistics.Proprio : null;
         if (_options.ActionChunk < 1) throw new DatasetException($"action chunk must be at least 1, got {_options.ActionChunk}");
         if (_options.ActionChunk > 1 && _episodes.All(e => Usable(e) == 0))
             throw new DatasetException($"{dataset.Name}: every episode is shorter than a chunk of {_options.ActionChunk} actions");
@@ -273,10 +273,10 @@ public sealed class TrainingStream : IEnumerable<TrainingSample>
         if (remaining == 1) _loaded.Remove(episode);
         else _loaded[episode] = (data, remaining - 1);
         var action = data.Actions[step];
-        var chunk = _options.ActionChunk > 1 ? Enumerable.Range(step, _options.ActionChunk).Select(t => _normalizer.Normalize(data.Actions[t])).ToArray() : null;
+        var chunk = _options.ActionChunk > 1 ? Enumerable.Range(step, _options.ActionChunk).Select(t => _action.Normalize(data.Actions[t])).ToArray() : null;
         var proprio = data.Proprio[step];
-        var normalizedProprio = _proprioNormalizer is not null && proprio.Length == _proprioNormalizer.Dim ? _proprioNormalizer.Normalize(proprio) : null;
-        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _normalizer.Normalize(action), proprio, data.Aux?[step],
+        var normalizedProprio = _proprio is not null && proprio.Length == _proprio.Dim ? _proprio.Normalize(proprio) : null;
+        return new TrainingSample(_dataset.Name, episode, step, images, data.Instructions[step], action, _action.Normalize(action), proprio, data.Aux?[step],
             chunk, normalizedProprio)
         {
             CursorAfter = Cursor,

@@ -73,7 +73,7 @@ public class StatisticsTests
     {
         using var dir = new TempDir();
         using var data = WriteAndOpen(dir);
-        var n = new ActionNormalizer(data.ComputeStatistics().Action);
+        var n = data.ComputeStatistics().Action;
 
         var x = n.Normalize([2, 8, 5, 0, 0, 0, 1]);
         Assert.Equal(2 * (2 - 0.04f) / (9.72f - 0.04f) - 1, x[0], 5);   // −0.595041

@@ -39,7 +39,7 @@ public class TrainingStreamTests
         using var data = VlaDataset.Open(dir.Path);
         var stats = data.ComputeStatistics();
         var stream = new TrainingStream(data, data.UsableEpisodes, stats, new StreamOptions { ShuffleBufferSize = 4 });
-        var normalizer = new ActionNormalizer(stats.Action);
+        var normalizer = stats.Action;
         foreach (var s in stream.Take(10))
         {
             TestDatasets.AssertSameImage(TestDatasets.Frame(s.EpisodeIndex, s.StepIndex), s.Images[0]);

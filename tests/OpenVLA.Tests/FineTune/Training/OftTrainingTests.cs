@@ -4,7 +4,6 @@ using OpenVLA.FineTune.Training;
 using OpenVLA.Policy;
 using OpenVLA.Policy.Checkpoint;
 using OpenVLA.Policy.Preprocessing;
-using ActionNormalizer = OpenVLA.FineTune.Data.ActionNormalizer;
 using OpenVLA.Tests.FineTune;
 using TorchSharp;
 
@@ -22,7 +21,7 @@ public class OftTrainingTests
         TestDatasets.WriteLeRobot(dir.Path, lengths);
         using var data = VlaDataset.Open(dir.Path);
         var stats = data.ComputeStatistics();
-        var normalizer = new ActionNormalizer(stats.Action);
+        var normalizer = stats.Action;
         var options = new StreamOptions { ShuffleBufferSize = 4, Seed = 5, ActionChunk = 4, Repeat = false };
         var samples = new TrainingStream(data, data.UsableEpisodes, stats, options).ToList();
         // openvla-oft (traj_transforms.chunk_act_obs) keeps the steps with K−1 actions ahead: 2 + 5 + 0 + 3.
