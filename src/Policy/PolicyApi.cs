@@ -82,7 +82,22 @@ public interface IActionPolicy
 }
 
 /// <summary>The caller's input is invalid (unknown unnorm key, bad image, ...). The message is one line meant for the user.</summary>
-public sealed class PolicyInputException(string message) : Exception(message);
+public sealed class PolicyInputException(string message) : Exception(message), IUserError;
 
 /// <summary>A checkpoint directory is missing files or holds tensors of the wrong name, shape or type.</summary>
-public sealed class CheckpointException(string message, Exception? inner = null) : Exception(message, inner);
+public sealed class CheckpointException(string message, Exception? inner = null) : Exception(message, inner), IUserError;
+
+/// <summary>Marks an exception caused by what the user gave (arguments, files, checkpoint or dataset contents, a
+/// request), whose message is one line meant for them.</summary>
+public interface IUserError;
+
+/// <summary>
+/// The one rule for what counts as the user's error, wherever an error is reported: the CLI exits 2 with the message
+/// as one line, the server logs it as one line without a stack trace, an evaluation worker passes the verdict to its
+/// parent. Everything else is ours: exit 1, logged with its trace.
+/// </summary>
+public static class UserErrors
+{
+    public static bool Is(Exception e) =>
+        e is IUserError or FileNotFoundException or DirectoryNotFoundException or UnauthorizedAccessException;
+}

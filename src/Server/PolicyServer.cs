@@ -180,7 +180,7 @@ public sealed class PolicyServer : IAsyncDisposable
         }
         catch (Exception e)
         {
-            if (e is CheckpointException or PolicyInputException or IOException or ArgumentException or UnauthorizedAccessException)
+            if (UserErrors.Is(e))
                 logger.LogError("could not load the policy: {Reason}", e.Message.ReplaceLineEndings(" ")); // the user's input: one line
             else if (e is not OperationCanceledException)
                 logger.LogError(e, "could not load the policy: {Reason}", e.Message.ReplaceLineEndings(" ")); // unexpected: keep the trace in the log

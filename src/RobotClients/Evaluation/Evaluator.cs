@@ -123,7 +123,7 @@ public static class Evaluator
                 OpenVLA.Simulation.MuJoCo.MjRuntime.RaiseFatalErrorForTest("test crash requested by OPENVLA_SIM_TEST_CRASH");
             }
             return RunEpisode(job, env, policy);
-        });
+        }, OpenVLA.Policy.UserErrors.Is);
     }
 
     private static string CrashMarker(EvalJob job) =>

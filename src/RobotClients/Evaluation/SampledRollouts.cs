@@ -54,7 +54,7 @@ public static class SampledRollouts
     public static int ServeWorker()
     {
         var worker = new Worker();
-        try { return WorkerLoop.Serve<SampledRolloutJob, SampledRolloutResult>(worker.Run); }
+        try { return WorkerLoop.Serve<SampledRolloutJob, SampledRolloutResult>(worker.Run, OpenVLA.Policy.UserErrors.Is); }
         finally { worker.Dispose(); }
     }
 

@@ -7,8 +7,12 @@ namespace OpenVLA.Simulation.Workers;
 /// <summary>A worker process died (or hit a libtorch error) while running a job; the job was retried on a fresh worker.</summary>
 public sealed record WorkerCrash(int Worker, string Job, int? ExitCode, string StderrTail);
 
-/// <summary>A worker reported that a job failed for a reason a retry will not fix (bad policy, unreachable server, ...).</summary>
-public sealed class WorkerJobException(string message) : Exception(message);
+/// <summary>A worker reported that a job failed for a reason a retry will not fix (bad policy, unreachable server, ...);
+/// <see cref="UserError"/> is the worker's verdict that the cause is the user's input (OpenVLA.Policy.UserErrors).</summary>
+public sealed class WorkerJobException(string message, bool userError = false) : Exception(message)
+{
+    public bool UserError { get; } = userError;
+}
 
 /// <summary>
 /// Runs jobs in separate worker processes (each with its own MuJoCo data and GL context) over a JSON-lines protocol:
@@ -85,9 +89,10 @@ public sealed class WorkerPool
                     if (!reply.RootElement.GetProperty("ok").GetBoolean())
                     {
                         string error = reply.RootElement.GetProperty("error").GetString() ?? "worker error";
-                        if (!IsNativeError(error))
+                        bool userError = reply.RootElement.TryGetProperty("user_error", out var u) && u.ValueKind == JsonValueKind.True;
+                        if (userError || !IsNativeError(error))
                         {
-                            lock (gate) failure ??= new WorkerJobException(error);
+                            lock (gate) failure ??= new WorkerJobException(error, userError);
                             break;
                         }
                         Retry(new WorkerCrash(w, jobSummary, null, "job error: " + error),
@@ -187,7 +192,8 @@ public sealed class WorkerPool
 /// <summary>The worker side of the protocol: reads jobs from stdin, answers on the real stdout.</summary>
 public static class WorkerLoop
 {
-    public static int Serve<TJob, TResult>(Func<TJob, TResult> handle)
+    /// <param name="isUserError">Which job errors are the user's (reported as <c>"user_error": true</c>); null: none.</param>
+    public static int Serve<TJob, TResult>(Func<TJob, TResult> handle, Func<Exception, bool>? isUserError = null)
     {
         var protocol = new StreamWriter(Console.OpenStandardOutput()) { AutoFlush = true };
         // Anything else a library prints must not corrupt the protocol: send it to stderr.
@@ -204,7 +210,7 @@ public static class WorkerLoop
             }
             catch (Exception e)
             {
-                reply = JsonSerializer.Serialize(new { ok = false, error = e.Message.ReplaceLineEndings(" ") }, WorkerJson.Options);
+                reply = JsonSerializer.Serialize(new { ok = false, error = e.Message.ReplaceLineEndings(" "), user_error = isUserError?.Invoke(e) ?? false }, WorkerJson.Options);
             }
             protocol.WriteLine(reply);
         }

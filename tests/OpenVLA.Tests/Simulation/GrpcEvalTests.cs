@@ -101,6 +101,11 @@ public class GrpcEvalTests
             "--trials-per-task", "1", "--image-size", "56", "--out", outDir.Path, "--execute-steps", "5"]);
         Assert.Equal(2, r.ExitCode);
         Assert.Contains("--execute-steps 5 is longer than the policy's chunk of 4", r.Stderr);
+        // The same error raised in a worker process is still the user's: the worker passes the verdict on.
+        var inWorkers = CliRunner.Run(["eval", "--policy", $"grpc://{server.GrpcAddress.Host}:{server.GrpcAddress.Port}", "--tasks", "move_side",
+            "--trials-per-task", "2", "--image-size", "56", "--out", outDir.Path, "--execute-steps", "5", "--workers", "2"]);
+        Assert.Equal(2, inWorkers.ExitCode);
+        Assert.Contains("--execute-steps 5 is longer than the policy's chunk of 4", inWorkers.Stderr);
     }
 
     [Fact]

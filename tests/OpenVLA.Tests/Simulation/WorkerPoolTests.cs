@@ -28,7 +28,16 @@ public sealed class WorkerPoolTests
         var failing = new WorkerPool(["sh", "-c", "read -r line; echo '{\"ok\":false,\"error\":\"server unreachable\"}'"], workers: 1);
         var e = Assert.Throws<WorkerJobException>(() => failing.Run<int, int>([1], (_, _) => { }));
         Assert.Equal("server unreachable", e.Message);
+        Assert.False(e.UserError);
         Assert.Empty(failing.Crashes); // not a libtorch error: no retry
+
+        // The worker's verdict that the user caused it travels with the error (and is never retried).
+        var refused = new WorkerPool(["sh", "-c", "read -r line; echo '{\"ok\":false,\"error\":\"no such checkpoint\",\"user_error\":true}'"], workers: 1);
+        var u = Assert.Throws<WorkerJobException>(() => refused.Run<int, int>([1], (_, _) => { }));
+        Assert.True(u.UserError);
+        Assert.Empty(refused.Crashes);
+        Assert.True(OpenVLA.Cli.CliExit.IsUserError(u));   // exit code 2, as in process
+        Assert.False(OpenVLA.Cli.CliExit.IsUserError(e));
     }
 
     [Fact]
