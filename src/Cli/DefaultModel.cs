@@ -1,3 +1,5 @@
+using OpenVLA.Policy.Checkpoint;
+
 namespace OpenVLA.Cli;
 
 /// <summary>
@@ -11,10 +13,11 @@ internal static class DefaultModel
 
     public static string Directory => Path.Combine(AppContext.BaseDirectory, "models", Name);
 
-    /// <summary><paramref name="given"/> when set, else the default model (saying so on stderr).</summary>
+    /// <summary><paramref name="given"/> when set (a directory, or ORG/NAME[@REVISION] in the Hugging Face cache:
+    /// <see cref="HuggingFaceCache.ResolveModel"/>), else the default model (saying so on stderr).</summary>
     public static string Resolve(string? given, string flag = "--checkpoint")
     {
-        if (given is not null) return given;
+        if (given is not null) return HuggingFaceCache.FromEnvironment().ResolveModel(given);
         if (!File.Exists(Path.Combine(Directory, "config.json")))
             throw new UsageException($"the default model is missing from this build ({Directory}): pass {flag}");
         Console.Error.WriteLine($"openvla: no {flag} given: using the default model {Name} (trained on the tabletop suite)");

@@ -116,9 +116,12 @@ internal static class FineTuneVerbs
         var baseDir = new Option<string?>("--base") { Description = "base Hugging Face OpenVLA checkpoint directory (for --full from scratch: a random-weight one from make-checkpoint)" };
         var dataset = new Option<string[]>("--dataset")
         {
-            Description = "LeRobot v2.1 or RLDS (TFRecord) dataset directory; repeat it to train on the union of several of one layout (e.g. demos and DAgger rollouts)",
+            Description = "LeRobot v2.1 or RLDS (TFRecord) dataset: a directory, a TFDS root (newest version), or a LeRobot repo id ORG/NAME in $HF_LEROBOT_HOME; " +
+                          "repeat it to train on the union of several of one layout (e.g. demos and DAgger rollouts)",
             AllowMultipleArgumentsPerToken = false,
         };
+        var dataDir = new Option<string?>("--data-dir") { Description = "TFDS data_dir: each --dataset is a dataset name under it (DIR/NAME/VERSION)" };
+        var datasetVersion = new Option<string?>("--dataset-version") { Description = "TFDS version folder to read (e.g. 1.0.0); default: the newest" };
         var datasetConfig = new Option<string?>("--dataset-config") { Description = "per-dataset mapping JSON (keys, gripper convention, normalization mask); default: the layout's defaults" };
         var datasetFormat = new Option<string?>("--dataset-format") { Description = "lerobot or rlds (default: detected)" };
         var datasetWeights = new Option<string?>("--dataset-weights")
@@ -160,7 +163,7 @@ internal static class FineTuneVerbs
         };
         var cmd = new Command("finetune", "Fine-tune an OpenVLA checkpoint with LoRA (or train it in full) on a robot dataset.")
             { baseDir, dataset, datasetConfig, datasetFormat, datasetWeights, outDir, saveSteps, evalSteps, evalExamples, heldOut, shuffle, imageAug, randomShift, merge, keep, resume, dryRun, preset, promptTokens, json, auxWeight, auxKeys,
-              oft, actionChunk, proprio, imageKeys, visionCache };
+              oft, actionChunk, proprio, imageKeys, visionCache, dataDir, datasetVersion };
         training.AddTo(cmd);
         cmd.SetAction(r =>
         {
@@ -190,7 +193,7 @@ internal static class FineTuneVerbs
             {
                 VlaConfig config;
                 string what;
-                if (r.GetValue(baseDir) is { } b) { config = VlaCheckpoint.Open(b).Config; what = b; }
+                if (r.GetValue(baseDir) is { } b) { config = VlaCheckpoint.Open(DefaultModel.Resolve(b, "--base")).Config; what = b; }
                 else if (r.GetValue(preset) is { } p) { config = VlaConfig.Parse(CheckpointMaker.ConfigJson(CheckpointPreset.Get(p), dtype), p); what = p; }
                 else throw new UsageException("--dry-run needs --base DIR or --preset NAME");
                 // OFT without a dataset: 7-D actions and, with --proprio, LIBERO's 8-D state; cameras from --image-keys (default 1).
@@ -207,7 +210,7 @@ internal static class FineTuneVerbs
                 return CliExit.Ok;
             }
 
-            string basePath = r.GetValue(baseDir) ?? throw new UsageException("--base is required (a Hugging Face OpenVLA checkpoint directory)");
+            string basePath = DefaultModel.Resolve(r.GetValue(baseDir) ?? throw new UsageException("--base is required (a Hugging Face OpenVLA checkpoint directory)"), "--base");
             string[] datasetPaths = r.GetValue(dataset) is { Length: > 0 } given ? given : throw new UsageException("--dataset is required");
             double[]? mixture = null;
             if (r.GetValue(datasetWeights) is { } weightText)
@@ -241,7 +244,8 @@ internal static class FineTuneVerbs
                 };
             if (options.AuxWeight > 0 && datasetMapping?.AuxKeys is null)
                 throw new UsageException("--aux-weight needs targets: --aux-keys (e.g. observation.state,observation.environment_state) or aux_keys in --dataset-config");
-            using var data = VlaDataset.Open(datasetPaths, datasetMapping, r.GetValue(datasetFormat));
+            using var data = VlaDataset.Open(datasetPaths, datasetMapping, r.GetValue(datasetFormat),
+                locator: new DatasetLocator(r.GetValue(dataDir), r.GetValue(datasetVersion)));
             var stats = data.ComputeStatistics();
             var split = data.SplitEpisodes(r.GetValue(heldOut), options.Seed);
             int imageSize = checkpoint.Config.ImageSize;
@@ -366,7 +370,7 @@ internal static class FineTuneVerbs
             { baseDir, adapter, outDir, dtype };
         cmd.SetAction(r =>
         {
-            var checkpoint = VlaCheckpoint.Open(r.GetValue(baseDir)!);
+            var checkpoint = VlaCheckpoint.Open(DefaultModel.Resolve(r.GetValue(baseDir)!, "--base"));
             var stored = PolicyOptions.ParseDType(r.GetValue(dtype) ?? checkpoint.Config.TorchDType);
             // Merge in float32 and round once to the stored precision (re-merging in bf16 is a known source of drift).
             using var model = new OpenVlaModel(checkpoint.Config, ModelPrecision.Cpu(torch.ScalarType.Float32));

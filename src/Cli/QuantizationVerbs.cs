@@ -34,7 +34,7 @@ internal static class QuantizationVerbs
             var decoding = r.GetValue(decode) is { } d ? ActionDecoding.Parse(d) : null;
             if (decoding?.Mode == DecodingMode.Expected)
                 throw new UsageException("--decode expected has no generation_config.json form (do_sample covers greedy and sampling only)");
-            var source = VlaCheckpoint.Open(r.GetValue(checkpoint)!);
+            var source = VlaCheckpoint.Open(DefaultModel.Resolve(r.GetValue(checkpoint)!));
             var stored = PolicyOptions.ParseDType(r.GetValue(dtype)!);
             if (source.Config.StoredQuantization is not null) throw new UsageException("--checkpoint is pre-quantized; convert needs a bf16/f32 checkpoint");
             // Load in f32 and round once to the stored precision.
@@ -94,7 +94,7 @@ internal static class QuantizationVerbs
             if (datasets.Length == 0)
             {
                 using var progress = new ConsoleProgress($"quantize {options.Name}");
-                QuantizedCheckpointWriter.Write(r.GetValue(checkpoint)!, r.GetValue(outDir)!, options, progress);
+                QuantizedCheckpointWriter.Write(DefaultModel.Resolve(r.GetValue(checkpoint)!), r.GetValue(outDir)!, options, progress);
             }
             else
             {
@@ -108,7 +108,7 @@ internal static class QuantizationVerbs
                 var observations = CalibrationFrames.Draw(datasets, r.GetValue(samples), r.GetValue(seed), r.GetValue(unnormKey));
                 CalibrationResult result;
                 using (var progress = new ConsoleProgress($"calibrate {options.Name} on {observations.Count} frames"))
-                    result = CalibratedQuantizer.Run(r.GetValue(checkpoint)!, observations, options, r.GetValue(damp), actOrder, device: r.GetValue(device)!, progress: progress);
+                    result = CalibratedQuantizer.Run(DefaultModel.Resolve(r.GetValue(checkpoint)!), observations, options, r.GetValue(damp), actOrder, device: r.GetValue(device)!, progress: progress);
                 var record = new JsonObject
                 {
                     ["method"] = "gptq",
@@ -120,7 +120,7 @@ internal static class QuantizationVerbs
                     ["hessians"] = "float model",
                 };
                 using (var progress = new ConsoleProgress($"write {options.Name}"))
-                    QuantizedCheckpointWriter.Write(r.GetValue(checkpoint)!, r.GetValue(outDir)!, options, progress, result.Weights, record);
+                    QuantizedCheckpointWriter.Write(DefaultModel.Resolve(r.GetValue(checkpoint)!), r.GetValue(outDir)!, options, progress, result.Weights, record);
                 PrintCalibration(result);
             }
             Console.WriteLine(Path.GetFullPath(r.GetValue(outDir)!));
@@ -190,7 +190,7 @@ internal static class QuantizationVerbs
                 if (VlaCheckpoint.Open(d).Config.StoredQuantization is null) throw new UsageException($"--quantized {d} is not a pre-quantized checkpoint");
                 if (variants.Any(v => v.Name == name) || stored.Count(s => s.Name == name) > 1) throw new UsageException($"--quantized: two variants are named '{name}'");
             }
-            var runs = variants.Select(v => (v.Name, Dir: r.GetValue(checkpoint)!, v.Options))
+            var runs = variants.Select(v => (v.Name, Dir: DefaultModel.Resolve(r.GetValue(checkpoint)!), v.Options))
                 .Concat(stored.Select(s => (s.Name, s.Dir, Options: greedy))).ToList();
             var results = new Dictionary<string, List<ActionPrediction>>();
             using (var progress = new ConsoleProgress("fidelity"))

@@ -416,8 +416,7 @@ internal static class ServerVerbs
             if (options.Duration <= TimeSpan.Zero || options.Duration > TimeSpan.FromHours(1)) throw new UsageException("--duration-s must be in (0, 3600]");
             if (options.Warmup < TimeSpan.Zero || options.Fps is <= 0 or > 1000 || options.Repeats is < 1 or > 20 || options.MaxBatch is < 1 or > 1024)
                 throw new UsageException("--warmup-s >= 0, --fps in (0, 1000], --repeats 1..20, --max-batch 1..1024");
-            var checkpoint = parse.GetValue(Checkpoint)!;
-            if (!Directory.Exists(checkpoint)) throw new UsageException($"--checkpoint: directory not found: {checkpoint}");
+            var checkpoint = DefaultModel.Resolve(parse.GetValue(Checkpoint)!);
             var serve = new ServeOptions
             {
                 Checkpoint = checkpoint, Quantize = load.Quantize, Device = load.Device,

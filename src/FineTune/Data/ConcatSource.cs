@@ -4,7 +4,7 @@ namespace OpenVLA.FineTune.Data;
 /// Several datasets of one layout read as one: their episodes numbered one after another, in the order given. The union
 /// a DAgger iteration trains on (the demonstrations plus the states the policy reached, labelled by the expert), or data
 /// from two recording sessions. Each part keeps its own files and instruction table; the config applies to all, and
-/// <see cref="VlaDataset.Open(IReadOnlyList{string}, DatasetConfig?, string?, Action{string}?)"/> checks they share a layout.
+/// <see cref="VlaDataset.Open(IReadOnlyList{string}, DatasetConfig?, string?, Action{string}?, DatasetLocator?)"/> checks they share a layout.
 /// </summary>
 internal sealed class ConcatSource : IEpisodeSource
 {

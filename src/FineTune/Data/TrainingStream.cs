@@ -54,7 +54,7 @@ public sealed record StreamOptions
     /// <summary>Augmentation (OpenVLA's image_aug, <see cref="RandomShift"/>), or null for none.</summary>
     public IImageAugmentation? Augmentation { get; init; }
     /// <summary>
-    /// A mixture over the datasets of a union (<see cref="VlaDataset.Open(IReadOnlyList{string}, DatasetConfig?, string?, Action{string}?)"/>),
+    /// A mixture over the datasets of a union (<see cref="VlaDataset.Open(IReadOnlyList{string}, DatasetConfig?, string?, Action{string}?, DatasetLocator?)"/>),
     /// one positive weight per dataset in the order given: a frame of dataset i is sampled in proportion to weight i (1, 1:
     /// plain concatenation, each dataset in proportion to its size; 1, 3: the second's frames three times as often as the
     /// first's). Only ratios matter. Each epoch takes every episode of the most heavily weighted datasets and a fresh random

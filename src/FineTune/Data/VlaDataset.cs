@@ -58,17 +58,20 @@ public sealed class VlaDataset : IDisposable
     /// <param name="config">null: the defaults of the detected layout. Fields the config leaves out take those defaults.</param>
     /// <param name="format">"lerobot", "rlds" or null to detect.</param>
     /// <param name="progress">Progress lines while RLDS shards are indexed (one read of every shard), e.g. for stderr.</param>
-    public static VlaDataset Open(string path, DatasetConfig? config = null, string? format = null, Action<string>? progress = null) =>
-        Open([path], config, format, progress);
+    public static VlaDataset Open(string path, DatasetConfig? config = null, string? format = null, Action<string>? progress = null, DatasetLocator? locator = null) =>
+        Open([path], config, format, progress, locator);
 
     /// <summary>
     /// Several datasets of one layout as one (<see cref="ConcatSource"/>): episodes numbered in the order of
     /// <paramref name="paths"/>, one config for all, statistics and the held-out split over the union. The name is the
-    /// config's, else the first dataset's; <see cref="Path"/> lists them all, comma-separated.
+    /// config's, else the first dataset's; <see cref="Path"/> lists them all, comma-separated. Each argument is found
+    /// by <paramref name="locator"/> (default: <see cref="DatasetLocator.Default"/>): a directory, a TFDS root, a LeRobot repo id.
     /// </summary>
-    public static VlaDataset Open(IReadOnlyList<string> paths, DatasetConfig? config = null, string? format = null, Action<string>? progress = null)
+    public static VlaDataset Open(IReadOnlyList<string> paths, DatasetConfig? config = null, string? format = null, Action<string>? progress = null,
+        DatasetLocator? locator = null)
     {
         if (paths.Count == 0) throw new DatasetException("no dataset given");
+        paths = paths.Select((locator ?? DatasetLocator.Default).Resolve).ToList();
         var formats = paths.Select(p => format ?? DatasetFormats.Detect(p)).ToList();
         if (formats.Distinct().Count() > 1)
             throw new DatasetException($"datasets to combine must have one layout; {string.Join(", ", paths.Select((p, i) => $"{p} is {formats[i]}"))}");

@@ -49,11 +49,14 @@ public sealed class SafetensorsFile : IDisposable
     public static SafetensorsFile Open(string path)
     {
         if (!File.Exists(path)) throw new CheckpointException($"{path}: file not found");
-        long fileLength = new FileInfo(path).Length;
-        if (fileLength < 8) throw new CheckpointException($"{path}: not a safetensors file ({fileLength} bytes, the header length alone takes 8)");
+        long fileLength;
         byte[] header;
         using (var fs = File.OpenRead(path))
         {
+            // The opened file's length: for a symlink (the Hugging Face cache links snapshots to blobs/) FileInfo.Length
+            // is the link's own, not its target's.
+            fileLength = fs.Length;
+            if (fileLength < 8) throw new CheckpointException($"{path}: not a safetensors file ({fileLength} bytes, the header length alone takes 8)");
             Span<byte> lenBytes = stackalloc byte[8];
             fs.ReadExactly(lenBytes);
             ulong headerLength = BitConverter.ToUInt64(lenBytes);
