@@ -5,6 +5,7 @@ using System.Text.Json;
 using Google.Protobuf;
 using Grpc.Core;
 using OpenCvSharp;
+using OpenVLA.Cli.Bench;
 using OpenVLA.Contract.V1;
 using OpenVLA.Policy;
 using OpenVLA.RobotClients;

@@ -23,14 +23,14 @@ public sealed class ActionChunkBroker
     public int PolicyCalls { get; private set; }
 
     /// <summary>The action for this control step; <paramref name="predictChunk"/> runs only when the queue is empty.</summary>
+    /// <exception cref="ChunkTooShortException">the policy returned fewer actions than <see cref="ExecuteSteps"/></exception>
     public float[] Next(Func<IReadOnlyList<float[]>> predictChunk)
     {
         if (_pending.Count == 0)
         {
             var chunk = predictChunk();
             if (chunk.Count == 0) throw new InvalidOperationException("the policy returned an empty chunk");
-            if (ExecuteSteps is int k && k > chunk.Count)
-                throw new OpenVLA.Policy.PolicyInputException($"--execute-steps {k} is longer than the policy's chunk of {chunk.Count}");
+            if (ExecuteSteps is int k && k > chunk.Count) throw new ChunkTooShortException(k, chunk.Count);
             PolicyCalls++;
             foreach (var action in chunk.Take(ExecuteSteps ?? chunk.Count)) _pending.Enqueue(action);
         }
@@ -42,4 +42,13 @@ public sealed class ActionChunkBroker
         _pending.Clear();
         PolicyCalls = 0;
     }
+}
+
+/// <summary>An <see cref="ActionChunkBroker"/> was told to execute more actions of each chunk than the policy returns: the
+/// caller's setting does not fit the policy. Callers that take the setting from a user translate it into their own error.</summary>
+public sealed class ChunkTooShortException(int executeSteps, int chunkLength)
+    : ArgumentException($"execute steps {executeSteps} is longer than the policy's chunk of {chunkLength}")
+{
+    public int ExecuteSteps { get; } = executeSteps;
+    public int ChunkLength { get; } = chunkLength;
 }

@@ -63,7 +63,13 @@ public sealed class ActionPolicyRolloutPolicy(IActionPolicy policy, string name,
 
     public float[] Act(RolloutObservation observation)
     {
-        var action = _broker.Next(() => Predict(observation));
+        float[] action;
+        try { action = _broker.Next(() => Predict(observation)); }
+        catch (ChunkTooShortException e)
+        {
+            // executeSteps is the user's --execute-steps: a setting that does not fit the policy is their error (exit code 2).
+            throw new PolicyInputException($"--execute-steps {e.ExecuteSteps} is longer than the policy's chunk of {e.ChunkLength}");
+        }
         if (action.Length != TabletopEnv.ActionDim)
             throw new PolicyInputException($"policy {name} returned {action.Length} action values; the tabletop suite takes {TabletopEnv.ActionDim}");
         return action;

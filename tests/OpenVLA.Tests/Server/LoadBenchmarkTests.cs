@@ -1,4 +1,4 @@
-using OpenVLA.Server;
+using OpenVLA.Cli.Bench;
 
 namespace OpenVLA.Tests.Server;
 

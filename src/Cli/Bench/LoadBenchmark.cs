@@ -1,13 +1,14 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
-using Google.Protobuf;
 using Grpc.Core;
 using OpenCvSharp;
 using OpenVLA.Contract.V1;
 using OpenVLA.Policy;
+using OpenVLA.Policy.Preprocessing;
 using OpenVLA.RobotClients;
+using OpenVLA.Server;
 
-namespace OpenVLA.Server;
+namespace OpenVLA.Cli.Bench;
 
 public sealed record LoadBenchmarkOptions
 {
@@ -226,6 +227,6 @@ public static class LoadBenchmark
         return bytes;
     }
 
-    static RgbImage DecodeJpeg(byte[] jpeg) =>
-        FrameDecoder.Decode(new Image { Encoding = ImageEncoding.Jpeg, Data = ByteString.CopyFrom(jpeg) }, new OpenVLA.Policy.Preprocessing.ImageLimits(4096));
+    // The policy core's decoder, which the server's frame decoder also ends in for JPEG frames: the same pixels.
+    static RgbImage DecodeJpeg(byte[] jpeg) => ImageDecoder.Decode(jpeg, new ImageLimits(4096));
 }
