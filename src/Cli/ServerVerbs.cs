@@ -81,7 +81,6 @@ internal static class ServerVerbs
                 ApiKeyFile = parse.GetValue(apiKeyFile), TlsCert = parse.GetValue(tlsCert), TlsKey = parse.GetValue(tlsKey),
                 TlsClientCa = parse.GetValue(tlsClientCa), JsonLogs = parse.GetValue(jsonLogs),
             };
-            if (!Directory.Exists(options.Checkpoint)) throw new UsageException($"--checkpoint: directory not found: {options.Checkpoint}");
             if (options.Problem() is { } problem) throw new UsageException(problem);
             PolicyServer server;
             try { server = await PolicyServer.StartAsync(options, PolicyLoader(load), cancellationToken: cancellationToken); }

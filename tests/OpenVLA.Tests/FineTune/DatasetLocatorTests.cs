@@ -66,7 +66,7 @@ public class DatasetLocatorTests
         // The CLI takes the repo id wherever it takes a checkpoint, and the model behind the symlinks is the real one.
         var frame = tmp["frame.png"];
         OpenCvSharp.Cv2.ImWrite(frame, new OpenCvSharp.Mat(56, 56, OpenCvSharp.MatType.CV_8UC3, new OpenCvSharp.Scalar(40, 120, 200)));
-        string[] predict = ["predict", "--image", frame, "--instruction", "pick up the cube", "--json"];
+        string[] predict = ["predict", "--image", frame, "--instruction", "pick up the cube", "--unnorm-key", "bridge_orig", "--json"];
         var env = new Dictionary<string, string> { ["HF_HOME"] = tmp["hf"] };
         var viaCache = CliRunner.Run(env, [.. predict, "--checkpoint", "acme/tiny-vla@v1.0"]);
         Assert.True(viaCache.ExitCode == 0, viaCache.Stderr);

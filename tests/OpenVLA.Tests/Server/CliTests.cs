@@ -147,7 +147,7 @@ public sealed class CliTests
             var badQuantize = await RunAsync("serve", "--checkpoint", dir, "--quantize", "int4", "--group-size", "48");
 
             Assert.Equal(2, missing.Code);
-            Assert.Contains("openvla: --checkpoint: directory not found", missing.Output);
+            Assert.Contains($"openvla: checkpoint directory '{Path.Combine(dir, "absent")}' does not exist", missing.Output);
             Assert.Equal(2, notACheckpoint.Code);
             Assert.Contains("config.json is missing", notACheckpoint.Output);
             Assert.Equal(2, badFlags.Code);
