@@ -177,6 +177,9 @@ internal static class SimulationVerbs
             Check(w is >= 1 and <= 64, $"--workers must be 1..64, got {w}");
             Check(settleSteps is >= 0 and <= 100, $"--settle-steps must be 0..100, got {settleSteps}");
             string policyText = parse.GetValue(policy) ?? "checkpoint:" + DefaultModel.Resolve(null, "--policy");
+            // checkpoint:ORG/NAME[@REVISION] reads the Hugging Face cache, as --checkpoint does.
+            if (policyText.StartsWith("checkpoint:", StringComparison.Ordinal) && policyText.Length > "checkpoint:".Length)
+                policyText = "checkpoint:" + DefaultModel.Resolve(policyText["checkpoint:".Length..], "--policy");
             RolloutPolicies.Spec spec;
             try { spec = RolloutPolicies.Parse(policyText); RolloutPolicies.EnsureAvailable(spec); }
             catch (Exception e) when (e is ArgumentException or PolicyUnavailableException or DirectoryNotFoundException) { throw new UsageException(e.Message); }

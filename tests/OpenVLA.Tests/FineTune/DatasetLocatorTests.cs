@@ -74,6 +74,8 @@ public class DatasetLocatorTests
         Assert.Equal(System.Text.Json.Nodes.JsonNode.Parse(direct.Stdout)!["actions"]!.ToJsonString(),
             System.Text.Json.Nodes.JsonNode.Parse(viaCache.Stdout)!["actions"]!.ToJsonString());
         CliRunner.AssertUserError(CliRunner.Run(env, [.. predict, "--checkpoint", "acme/nothing"]), "not in the Hugging Face cache");
+        CliRunner.AssertUserError(CliRunner.Run(env, "eval", "--policy", "checkpoint:acme/nothing", "--trials-per-task", "1", "--out", tmp["eval"]),
+            "not in the Hugging Face cache");
     }
 
     [Fact]
