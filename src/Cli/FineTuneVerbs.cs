@@ -284,7 +284,7 @@ internal static class FineTuneVerbs
             else if (spec is not null) OftWeights.InitializeNew(model, new torch.Generator(options.Seed ^ 0x0F7));
             using var trainer = TrainingOptions.NewTrainer(model, checkpoint, tokenizer, options, runDir, statistics, stats.Aux);
             stats.SaveTo(runDir);
-            using var cache = cachePasses == 0 ? null : CacheVision(model, checkpoint, data, split.Train, stats, streamOptions, spec?.NumImages ?? 1, cachePasses, options.Seed);
+            using var cache = cachePasses == 0 ? null : CacheVision(model, checkpoint, data, split.Train, stats, streamOptions, spec?.NumImages ?? 1, cachePasses);
             if (cache is not null) source = new InMemoryExampleSource(cache.Examples, options.Seed);
             if (latest is not null && r.GetValue(resume))
             {
@@ -341,20 +341,15 @@ internal static class FineTuneVerbs
         return cmd;
     }
 
-    /// <summary>
-    /// --vision-cache: the towers' features of <paramref name="passes"/> full passes over the training episodes, pass p
-    /// streamed with seed + p (its own order and augmentation draw); a resumed run rebuilds the same cache.
-    /// </summary>
+    /// <summary>--vision-cache: <see cref="VisionFeatureCache.FromPasses"/> with a progress bar and a summary line.</summary>
     static VisionFeatureCache CacheVision(OpenVlaModel model, VlaCheckpoint checkpoint, VlaDataset data, IReadOnlyList<int> episodes, DatasetStatistics stats,
-        StreamOptions streamOptions, int cameras, int passes, ulong seed)
+        StreamOptions streamOptions, int cameras, int passes)
     {
-        long total = new TrainingStream(data, episodes, stats, streamOptions).SamplesPerEpoch * passes;
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var examples = Enumerable.Range(0, passes).SelectMany(p =>
-            new TrainingStream(data, episodes, stats, streamOptions with { Repeat = false, Seed = seed + (ulong)p }).Select(StreamExampleSource.ToExample));
         VisionFeatureCache cache;
-        using (var progress = new ConsoleProgress($"finetune: caching vision features of {total} frames ({passes} pass(es))"))
-            cache = VisionFeatureCache.Build(model, ImagePreprocessor.ForCheckpoint(checkpoint), examples, cameras, progress: done => progress.Report((double)done / total));
+        using (var progress = new ConsoleProgress($"finetune: caching vision features ({passes} pass(es) over the training frames)"))
+            cache = VisionFeatureCache.FromPasses(model, ImagePreprocessor.ForCheckpoint(checkpoint), data, episodes, stats, streamOptions, cameras, passes,
+                (done, total) => progress.Report((double)done / total));
         Console.Error.WriteLine($"finetune: vision cache {cache.Rows} rows, {cache.Bytes / 1e9:0.00} GB float16 (max |feature| {cache.MaxAbs:0.#}), " +
                                 $"{clock.Elapsed.TotalSeconds:0} s, {cache.Rows / Math.Max(clock.Elapsed.TotalSeconds, 1e-9):0} frames/s");
         return cache;

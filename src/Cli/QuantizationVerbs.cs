@@ -87,6 +87,7 @@ internal static class QuantizationVerbs
             { checkpoint, outDir, mode, groupSize, keepVision, minMax, calibration, samples, damp, columnOrder, seed, unnormKey, device };
         cmd.SetAction(r =>
         {
+            string source = DefaultModel.Resolve(r.GetValue(checkpoint)!);
             var options = QuantizationOptions.Parse(r.GetValue(mode)!, r.GetValue(groupSize), !r.GetValue(keepVision), !r.GetValue(minMax));
             var datasets = r.GetValue(calibration) ?? [];
             if (datasets.Length == 0 && new Option[] { samples, damp, columnOrder, seed, unnormKey, device }.FirstOrDefault(o => r.GetResult(o) is { Implicit: false }) is { } gptqOnly)
@@ -94,7 +95,7 @@ internal static class QuantizationVerbs
             if (datasets.Length == 0)
             {
                 using var progress = new ConsoleProgress($"quantize {options.Name}");
-                QuantizedCheckpointWriter.Write(DefaultModel.Resolve(r.GetValue(checkpoint)!), r.GetValue(outDir)!, options, progress);
+                QuantizedCheckpointWriter.Write(source, r.GetValue(outDir)!, options, progress);
             }
             else
             {
@@ -108,7 +109,7 @@ internal static class QuantizationVerbs
                 var observations = CalibrationFrames.Draw(datasets, r.GetValue(samples), r.GetValue(seed), r.GetValue(unnormKey));
                 CalibrationResult result;
                 using (var progress = new ConsoleProgress($"calibrate {options.Name} on {observations.Count} frames"))
-                    result = CalibratedQuantizer.Run(DefaultModel.Resolve(r.GetValue(checkpoint)!), observations, options, r.GetValue(damp), actOrder, device: r.GetValue(device)!, progress: progress);
+                    result = CalibratedQuantizer.Run(source, observations, options, r.GetValue(damp), actOrder, device: r.GetValue(device)!, progress: progress);
                 var record = new JsonObject
                 {
                     ["method"] = "gptq",
@@ -120,7 +121,7 @@ internal static class QuantizationVerbs
                     ["hessians"] = "float model",
                 };
                 using (var progress = new ConsoleProgress($"write {options.Name}"))
-                    QuantizedCheckpointWriter.Write(DefaultModel.Resolve(r.GetValue(checkpoint)!), r.GetValue(outDir)!, options, progress, result.Weights, record);
+                    QuantizedCheckpointWriter.Write(source, r.GetValue(outDir)!, options, progress, result.Weights, record);
                 PrintCalibration(result);
             }
             Console.WriteLine(Path.GetFullPath(r.GetValue(outDir)!));
@@ -164,6 +165,7 @@ internal static class QuantizationVerbs
             { checkpoint, images, instructions, unnormKey, groupSize, keepVision, limit, json, quantized };
         cmd.SetAction(r =>
         {
+            string source = DefaultModel.Resolve(r.GetValue(checkpoint)!);
             var dir = r.GetValue(images)!;
             if (!Directory.Exists(dir)) throw new UsageException($"--images directory '{dir}' does not exist");
             var files = Directory.EnumerateFiles(dir).Where(f => f.EndsWith(".png", StringComparison.OrdinalIgnoreCase)
@@ -190,7 +192,7 @@ internal static class QuantizationVerbs
                 if (VlaCheckpoint.Open(d).Config.StoredQuantization is null) throw new UsageException($"--quantized {d} is not a pre-quantized checkpoint");
                 if (variants.Any(v => v.Name == name) || stored.Count(s => s.Name == name) > 1) throw new UsageException($"--quantized: two variants are named '{name}'");
             }
-            var runs = variants.Select(v => (v.Name, Dir: DefaultModel.Resolve(r.GetValue(checkpoint)!), v.Options))
+            var runs = variants.Select(v => (v.Name, Dir: source, v.Options))
                 .Concat(stored.Select(s => (s.Name, s.Dir, Options: greedy))).ToList();
             var results = new Dictionary<string, List<ActionPrediction>>();
             using (var progress = new ConsoleProgress("fidelity"))

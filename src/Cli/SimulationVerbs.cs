@@ -176,10 +176,11 @@ internal static class SimulationVerbs
             Check(n >= 1, $"--trials-per-task must be at least 1, got {n}");
             Check(w is >= 1 and <= 64, $"--workers must be 1..64, got {w}");
             Check(settleSteps is >= 0 and <= 100, $"--settle-steps must be 0..100, got {settleSteps}");
-            string policyText = parse.GetValue(policy) ?? "checkpoint:" + DefaultModel.Resolve(null, "--policy");
-            // checkpoint:ORG/NAME[@REVISION] reads the Hugging Face cache, as --checkpoint does.
-            if (policyText.StartsWith("checkpoint:", StringComparison.Ordinal) && policyText.Length > "checkpoint:".Length)
-                policyText = "checkpoint:" + DefaultModel.Resolve(policyText["checkpoint:".Length..], "--policy");
+            // checkpoint:ORG/NAME[@REVISION] reads the Hugging Face cache, as --checkpoint does; no --policy: the default model.
+            string? givenPolicy = parse.GetValue(policy);
+            string policyText = givenPolicy is null || givenPolicy.StartsWith("checkpoint:", StringComparison.Ordinal) && givenPolicy.Length > "checkpoint:".Length
+                ? "checkpoint:" + DefaultModel.Resolve(givenPolicy?["checkpoint:".Length..], "--policy")
+                : givenPolicy;
             RolloutPolicies.Spec spec;
             try { spec = RolloutPolicies.Parse(policyText); RolloutPolicies.EnsureAvailable(spec); }
             catch (Exception e) when (e is ArgumentException or PolicyUnavailableException or DirectoryNotFoundException) { throw new UsageException(e.Message); }

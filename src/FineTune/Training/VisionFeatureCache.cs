@@ -114,6 +114,23 @@ public sealed class VisionFeatureCache : IDisposable
     }
 
     /// <summary>
+    /// What <c>finetune --vision-cache N</c> trains on: <paramref name="passes"/> full passes over
+    /// <paramref name="episodes"/>, pass p streamed with the stream's seed + p (its own order and augmentation draw). The
+    /// same arguments give the same cache, so a resumed run rebuilds it. <paramref name="progress"/> gets (done, total).
+    /// </summary>
+    public static VisionFeatureCache FromPasses(OpenVlaModel model, ImagePreprocessor preprocessor, OpenVLA.FineTune.Data.VlaDataset data,
+        IReadOnlyList<int> episodes, OpenVLA.FineTune.Data.DatasetStatistics statistics, OpenVLA.FineTune.Data.StreamOptions options, int cameras, int passes,
+        Action<long, long>? progress = null)
+    {
+        if (passes < 1) throw new ArgumentOutOfRangeException(nameof(passes), "at least one pass");
+        OpenVLA.FineTune.Data.TrainingStream Pass(int p) => new(data, episodes, statistics, options with { Repeat = false, Seed = options.Seed + (ulong)p });
+        var first = Pass(0);
+        long total = first.SamplesPerEpoch * passes;
+        var examples = Enumerable.Range(0, passes).SelectMany(p => (p == 0 ? first : Pass(p)).Select(StreamExampleSource.ToExample));
+        return Build(model, preprocessor, examples, cameras, progress: done => progress?.Invoke(done, total));
+    }
+
+    /// <summary>
     /// The cached features of a batch, [B, cameras·patches, vision dim] in <paramref name="dtype"/> on
     /// <paramref name="device"/> (what <see cref="OpenVlaModel.EncodeImages"/> takes in place of pixels); null when no
     /// example is cached. A batch that mixes cached and uncached examples, or two caches, is refused.

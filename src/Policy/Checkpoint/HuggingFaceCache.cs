@@ -32,7 +32,14 @@ public sealed class HuggingFaceCache(Func<string, string?> environment)
         repoId = text;
         revision = null;
         int at = text.IndexOf('@');
-        if (at >= 0) { repoId = text[..at]; revision = text[(at + 1)..]; if (revision.Length == 0) return false; }
+        if (at >= 0)
+        {
+            repoId = text[..at];
+            revision = text[(at + 1)..];
+            // A branch, tag (refs/ may nest them, as pr/3) or commit: never a path out of the repo's folder.
+            if (revision.Length == 0 || revision.StartsWith('/') || revision.Split('/').Any(p => p is "" or "." or "..")
+                || !revision.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' or '.' or '/')) return false;
+        }
         var parts = repoId.Split('/');
         return parts.Length == 2 && parts.All(p => p.Length > 0 && p != "." && p != ".." && p.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' or '.'));
     }
@@ -59,7 +66,7 @@ public sealed class HuggingFaceCache(Func<string, string?> environment)
             if (commit.Length == 0 || commit.Contains('/') || commit.Contains('\\') || commit.Contains(".."))
                 throw new CheckpointException($"{refFile} does not hold a commit hash");
         }
-        else if (revision is not null && !revision.Contains('/') && !revision.Contains("..") && Directory.Exists(Path.Combine(repo, "snapshots", revision))) commit = revision;
+        else if (revision is not null && !revision.Contains('/') && Directory.Exists(Path.Combine(repo, "snapshots", revision))) commit = revision;
         else
         {
             var known = Directory.Exists(Path.Combine(repo, "refs"))

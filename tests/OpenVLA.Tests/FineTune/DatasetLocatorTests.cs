@@ -54,6 +54,7 @@ public class DatasetLocatorTests
         Assert.Contains(Path.Combine(tmp["hf"], "hub", "models--acme--other"), missingRepo.Message);
         Assert.Contains("nothing is downloaded", missingRepo.Message);
         Assert.Throws<CheckpointException>(() => cache.ResolveModel("acme/../../etc"));
+        Assert.Throws<CheckpointException>(() => cache.ResolveModel("acme/tiny-vla@../../../etc"));   // a revision is not a path
         File.WriteAllText(Path.Combine(repo, "refs", "broken"), "3333cccc");
         Assert.Contains("snapshot", Assert.Throws<CheckpointException>(() => cache.ResolveModel("acme/tiny-vla@broken")).Message);
 
